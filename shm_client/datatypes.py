@@ -1,0 +1,160 @@
+"""THE table of v2 datatypes: wire string, numpy dtype, element size, ONNX type, typed-contents field.
+
+    info = DATATYPES["FP16"]; info.numpy_dtype, info.itemsize        # float16, 2
+    raw = encode_bytes(np.array([b"ab", b"c"], dtype=object))         # 4-byte LE lengths + bytes
+
+Every other module asks this table; none keeps its own `if dtype == ...`.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InvalidArgument, Unimplemented
+
+
+@dataclass(frozen=True)
+class DataType:
+    """One v2 datatype and every name it goes by."""
+
+    name: str  # the v2 wire string, e.g. "FP32"
+    numpy_dtype: np.dtype | None  # None where numpy has no native type (BF16)
+    itemsize: int  # bytes per element on the wire; 0 for BYTES (variable)
+    onnx_type: str  # onnxruntime's type string, e.g. "tensor(float)"
+    config_enum: int  # inference.DataType value used by ModelConfig
+    contents_field: str | None  # InferTensorContents field that carries it, None if only raw
+
+    @property
+    def variable_size(self) -> bool:
+        return self.itemsize == 0
+
+
+def _dt(name: str, np_type: object, size: int, onnx: str, enum: int, field: str | None) -> DataType:
+    return DataType(name, None if np_type is None else np.dtype(np_type), size, onnx, enum, field)
+
+
+_TABLE = (
+    _dt("BOOL", np.bool_, 1, "tensor(bool)", 1, "bool_contents"),
+    _dt("UINT8", np.uint8, 1, "tensor(uint8)", 2, "uint_contents"),
+    _dt("UINT16", np.uint16, 2, "tensor(uint16)", 3, "uint_contents"),
+    _dt("UINT32", np.uint32, 4, "tensor(uint32)", 4, "uint_contents"),
+    _dt("UINT64", np.uint64, 8, "tensor(uint64)", 5, "uint64_contents"),
+    _dt("INT8", np.int8, 1, "tensor(int8)", 6, "int_contents"),
+    _dt("INT16", np.int16, 2, "tensor(int16)", 7, "int_contents"),
+    _dt("INT32", np.int32, 4, "tensor(int32)", 8, "int_contents"),
+    _dt("INT64", np.int64, 8, "tensor(int64)", 9, "int64_contents"),
+    _dt("FP16", np.float16, 2, "tensor(float16)", 10, None),
+    _dt("FP32", np.float32, 4, "tensor(float)", 11, "fp32_contents"),
+    _dt("FP64", np.float64, 8, "tensor(double)", 12, "fp64_contents"),
+    _dt("BYTES", np.object_, 0, "tensor(string)", 13, "bytes_contents"),
+    _dt("BF16", None, 2, "tensor(bfloat16)", 14, None),
+)
+
+DATATYPES: dict[str, DataType] = {t.name: t for t in _TABLE}
+_BY_ONNX: dict[str, DataType] = {t.onnx_type: t for t in _TABLE}
+_BY_NUMPY: dict[np.dtype, DataType] = {t.numpy_dtype: t for t in _TABLE if t.numpy_dtype is not None}
+
+
+def lookup(name: str) -> DataType:
+    """The datatype for a v2 wire string; INVALID_ARGUMENT for a name that is not one."""
+    try:
+        return DATATYPES[name]
+    except KeyError:
+        raise InvalidArgument(
+            f"unknown datatype {name!r}; use one of {', '.join(DATATYPES)}"
+        ) from None
+
+
+def from_onnx(onnx_type: str) -> DataType:
+    """The datatype for an onnxruntime type string such as 'tensor(float)'."""
+    try:
+        return _BY_ONNX[onnx_type]
+    except KeyError:
+        raise Unimplemented(f"onnx type {onnx_type} has no v2 datatype") from None
+
+
+def from_numpy(dtype: np.dtype) -> DataType:
+    """The datatype for a numpy dtype; str and bytes arrays map to BYTES."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "OSU":
+        return DATATYPES["BYTES"]
+    try:
+        return _BY_NUMPY[dtype.newbyteorder("=")]
+    except KeyError:
+        raise InvalidArgument(f"numpy dtype {dtype} has no v2 datatype") from None
+
+
+def numpy_dtype(dt: DataType) -> np.dtype:
+    """The numpy dtype that holds `dt`; UNIMPLEMENTED where numpy has none (BF16)."""
+    if dt.numpy_dtype is None:
+        raise Unimplemented(f"datatype {dt.name} is not supported by edgecow; convert the tensor to FP32 or FP16")
+    return dt.numpy_dtype
+
+
+def element_count(shape: Sequence[int]) -> int:
+    """Number of elements in `shape`; INVALID_ARGUMENT for negative dims."""
+    count = 1
+    for dim in shape:
+        if dim < 0:
+            raise InvalidArgument(f"shape {list(shape)} has a negative dimension; give every dimension's size")
+        count *= dim
+    return count
+
+
+def byte_size(dt: DataType, shape: Sequence[int]) -> int:
+    """Bytes a fixed-size tensor of `shape` takes on the wire."""
+    return element_count(shape) * dt.itemsize
+
+
+# ---------------------------------------------------------------------------------------------------
+# BYTES: each element is a 4-byte little-endian length followed by that many bytes.
+
+_LEN = struct.Struct("<I")
+
+
+def encode_bytes(array: np.ndarray) -> bytes:
+    """Serialise a str/bytes/object array into the v2 BYTES layout (row-major)."""
+    parts = []
+    for item in np.asarray(array, dtype=object).reshape(-1):
+        data = item.encode("utf-8") if isinstance(item, str) else bytes(item)
+        parts.append(_LEN.pack(len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def decode_bytes(buffer: bytes | memoryview, count: int) -> np.ndarray:
+    """Parse `count` BYTES elements; INVALID_ARGUMENT if the buffer is truncated or has bytes left over."""
+    view = memoryview(buffer)
+    items = np.empty(count, dtype=object)
+    pos, end = 0, len(view)
+    for i in range(count):
+        if pos + 4 > end:
+            raise InvalidArgument(
+                f"BYTES tensor is truncated: element {i} of {count} has no 4-byte length prefix"
+            )
+        (length,) = _LEN.unpack_from(view, pos)
+        pos += 4
+        if pos + length > end:
+            raise InvalidArgument(
+                f"BYTES tensor is truncated: element {i} claims {length} bytes but only {end - pos} remain"
+            )
+        items[i] = bytes(view[pos : pos + length])
+        pos += length
+    if pos != end:
+        raise InvalidArgument(
+            f"BYTES tensor has {end - pos} bytes after its {count} elements; check the shape or the length prefixes"
+        )
+    return items
+
+
+def to_bytes_array(array: np.ndarray) -> np.ndarray:
+    """An object array of `bytes` from any str/bytes/object array (strings are UTF-8 encoded)."""
+    flat = np.asarray(array, dtype=object).reshape(-1)
+    out = np.empty(flat.shape, dtype=object)
+    for i, item in enumerate(flat):
+        out[i] = item.encode("utf-8") if isinstance(item, str) else bytes(item)
+    return out.reshape(np.shape(array))
