@@ -1,0 +1,277 @@
+"""The `edgecow` command: argument parsing lives here and only here.
+
+    edgecow serve --model-repository ./models --listen 0.0.0.0:8001
+    edgecow infer identity --input x=x.npy --output-dir out/
+
+Client subcommands (infer, status, models list) need only the light client; serve, models import and
+the systemd installer load the server's modules when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_server import __version__
+from shm_client.errors import EdgecowError
+
+SERVE_FLAGS = {
+    # flag: (settings key, type, help)
+    "--model-repository": ("model_repository", str, "directory of <name>/<version>/model.onnx "
+                           "(default: the example models shipped with edgecow)"),
+    "--models": ("models", str, "comma-separated models to load (default: all)"),
+    "--listen": ("listen", str, "TCP HOST:PORT, or 'none' (default: 0.0.0.0:8001)"),
+    "--socket": ("socket", str, "unix socket path, or 'none' (default: /run/edgecow/edgecow.sock when writable, "
+                 "else $XDG_RUNTIME_DIR/edgecow.sock)"),
+    "--tls-cert": ("tls_cert", str, "PEM certificate for TCP (with --tls-key)"),
+    "--tls-key": ("tls_key", str, "PEM private key for TCP (with --tls-cert)"),
+    "--log-level": ("log_level", str, "debug, info, warning or error (default: info)"),
+    "--poll-interval": ("poll_interval", float, "seconds between repository scans for new versions; 0 = off"),
+    "--grace-period": ("grace_period", float, "seconds calls in flight get to finish on SIGTERM (default: 30)"),
+    "--workers": ("workers", int, "gRPC handler threads (default: 32)"),
+    "--providers": ("providers", str, "comma-separated execution providers, or 'auto' (default)"),
+    "--max-inflight-per-model": ("max_inflight_per_model", int, "calls one model runs at once (default: 8)"),
+    "--max-queue-per-model": ("max_queue_per_model", int, "calls that may wait for a model (default: 64)"),
+    "--max-request-bytes": ("max_request_bytes", int, "largest gRPC request accepted"),
+    "--shm-max-regions": ("shm_max_regions", int, "registered shared-memory regions allowed (default: 1024)"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgecow",
+        description="edgecow: a shared-memory inference server for ONNX models (KServe v2 gRPC).",
+    )
+    parser.add_argument("--version", action="version", version=f"edgecow {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the server", description="Load the models and serve them.")
+    serve.add_argument("--config", type=Path, help="TOML settings file (keys as the flags, with underscores)")
+    for flag, (_, kind, text) in SERVE_FLAGS.items():
+        serve.add_argument(flag, type=kind, help=text)
+    serve.add_argument("--require-gpu", action="store_true", default=None, help="fail to start without a GPU")
+    serve.add_argument("--no-shm", dest="shm_enabled", action="store_false", default=None,
+                       help="turn shared memory off (every client uses gRPC)")
+    serve.add_argument("--shm-allow-remote", action="store_true", default=None,
+                       help="let non-local peers register shared memory (only behind a trusted proxy)")
+
+    target_help = "server address: unix:///path or HOST:PORT (default: $EDGECOW_TARGET or the local socket)"
+    infer = sub.add_parser("infer", help="run one inference from .npy files")
+    infer.add_argument("model")
+    infer.add_argument("--input", "-i", action="append", default=[], metavar="NAME=FILE.npy", required=True,
+                       help="an input tensor; repeat for each input")
+    infer.add_argument("--output", "-o", action="append", default=None, metavar="NAME",
+                       help="an output to return (default: all)")
+    infer.add_argument("--model-version", default=None, help="model version (default: highest)")
+    infer.add_argument("--output-dir", type=Path, help="write each output as NAME.npy here")
+    infer.add_argument("--target", help=target_help)
+    infer.add_argument("--transport", choices=("auto", "shm", "grpc"), default="auto")
+
+    status = sub.add_parser("status", help="show the server, its models, providers and resources")
+    status.add_argument("--target", help=target_help)
+    status.add_argument("--json", action="store_true", help="print JSON")
+
+    models = sub.add_parser("models", help="list or import models")
+    models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    listing = models_sub.add_parser("list", help="models, versions, inputs/outputs and state")
+    listing.add_argument("--target", help=target_help)
+    listing.add_argument("--model-repository", type=Path,
+                         help="inspect this directory instead of asking a running server")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    importing = models_sub.add_parser("import", help="validate an ONNX file and add it as the next version")
+    importing.add_argument("file", type=Path)
+    importing.add_argument("--name", required=True, help="model name")
+    importing.add_argument("--version", type=int, help="version number (default: one past the highest)")
+    importing.add_argument("--model-repository", type=Path, help="repository root (default: from settings)")
+    importing.add_argument("--config", type=Path, help="TOML settings file to read the repository from")
+
+    install = sub.add_parser("install-systemd", help="install edgecow as a systemd service")
+    install.add_argument("--root", type=Path, default=Path("/"), help="stage into this directory (default: /)")
+    install.add_argument("--dry-run", action="store_true", help="show what would change, change nothing")
+    install.add_argument("--gpu", action="store_true", help="add the drop-in that lets the service see NVIDIA GPUs")
+    uninstall = sub.add_parser("uninstall-systemd", help="remove what install-systemd installed")
+    uninstall.add_argument("--root", type=Path, default=Path("/"))
+    uninstall.add_argument("--dry-run", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handlers = {
+        "serve": _serve,
+        "infer": _infer,
+        "status": _status,
+        "models": _models,
+        "install-systemd": _install,
+        "uninstall-systemd": _uninstall,
+    }
+    try:
+        return handlers[args.command](args)
+    except EdgecowError as err:
+        print(f"edgecow: error: {err.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .config import load_settings
+    from .server import serve
+
+    overrides: dict[str, Any] = {key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, _, _) in
+                                 SERVE_FLAGS.items()}
+    overrides.update(require_gpu=args.require_gpu, shm_enabled=args.shm_enabled,
+                     shm_allow_remote=args.shm_allow_remote)
+    settings = load_settings(args.config, overrides)
+    return serve(settings, args.config)
+
+
+def _client(args: argparse.Namespace, transport: str = "grpc") -> Any:
+    from shm_client import EdgeClient
+
+    return EdgeClient(args.target, transport=transport, timeout=30.0)
+
+
+def _infer(args: argparse.Namespace) -> int:
+    inputs = {}
+    for item in args.input:
+        name, sep, file = item.partition("=")
+        if not sep or not name or not file:
+            raise EdgecowError(f"--input {item!r} is not NAME=FILE.npy")
+        try:
+            inputs[name] = np.load(file, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise EdgecowError(f"cannot read {file} as a .npy file: {err}") from None
+    with _client(args, args.transport) as client:
+        outputs = client.infer(args.model, inputs, outputs=args.output, version=args.model_version)
+        transport = client.transport
+    for name, array in outputs.items():
+        if args.output_dir:
+            args.output_dir.mkdir(parents=True, exist_ok=True)
+            path = args.output_dir / f"{name}.npy"
+            np.save(path, array, allow_pickle=array.dtype == object)
+            print(f"{name}: {array.dtype}{list(array.shape)} -> {path}")
+        else:
+            print(f"{name}: {array.dtype}{list(array.shape)}")
+            print(np.array2string(array, threshold=20))
+    print(f"(transport: {transport})", file=sys.stderr)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from google.protobuf import json_format
+
+    with _client(args) as client:
+        status = client.status()
+    if args.json:
+        print(json_format.MessageToJson(status, preserving_proto_field_name=True))
+        return 0
+    mib = 1 << 20
+    print(f"edgecow {status.version} pid {status.process.pid}, up {status.process.uptime_seconds:.0f}s")
+    print(f"  listening:  {', '.join(status.listeners)}")
+    print(f"  providers:  {', '.join(status.available_providers)} (available)")
+    shm = "on" if status.shared_memory_enabled else "off"
+    print(f"  shm:        {shm}, {status.registered_regions} region(s), {status.mapped_bytes / mib:.1f} MiB mapped")
+    proc, system = status.process, status.system
+    print(f"  process:    RSS {proc.rss_bytes / mib:.1f} MiB, CPU {proc.cpu_percent:.0f}%, "
+          f"{proc.threads} threads, {proc.open_files} fds")
+    print(f"  system:     memory {system.memory_available_bytes / mib:.0f}/{system.memory_total_bytes / mib:.0f} "
+          f"MiB free, /dev/shm {system.shm_free_bytes / mib:.0f}/{system.shm_total_bytes / mib:.0f} MiB free, "
+          f"load {system.load_average_1m:.2f}")
+    print(f"  models:     {len(status.models)} version(s) loaded")
+    for model in status.models:
+        print(f"    {model.name}:{model.version}  on {', '.join(model.providers)}  "
+              f"{model.inference_count} call(s), {model.in_flight} in flight")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    return _models_import(args) if args.models_command == "import" else _models_list(args)
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    rows = _offline_models(args.model_repository) if args.model_repository else _server_models(args)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no models")
+    for row in rows:
+        line = f"{row['name']:<24} v{row['version'] or '-':<4} {row['state']:<12}"
+        if row.get("reason"):
+            line += f" {row['reason']}"
+        print(line.rstrip())
+        for kind in ("inputs", "outputs"):
+            for tensor in row.get(kind, []):
+                print(f"    {kind[:-1]:<6} {tensor['name']:<20} {tensor['datatype']:<6} {tensor['shape']}")
+    return 0
+
+
+def _server_models(args: argparse.Namespace) -> list[dict[str, Any]]:
+    with _client(args) as client:
+        rows: list[dict[str, Any]] = client.models()
+        for row in rows:
+            if row["state"] == "READY":
+                meta = client.metadata(row["name"], row["version"] or None)
+                row["inputs"], row["outputs"] = meta["inputs"], meta["outputs"]
+    return rows
+
+
+def _offline_models(root: Path) -> list[dict[str, Any]]:
+    from .config import Settings
+    from .repository import ModelStore, Repository
+
+    store = ModelStore(Repository(root), Settings(model_repository=root))
+    store.load_all()
+    rows = []
+    loaded = {(m.name, m.version): m for m in store.loaded()}
+    for state in store.index():
+        row: dict[str, Any] = {"name": state.name, "version": str(state.version or ""), "state": state.state,
+                               "reason": state.reason}
+        model = loaded.get((state.name, state.version))
+        if model is not None:
+            row["inputs"] = [{"name": s.name, "datatype": s.datatype.name, "shape": list(s.shape)}
+                             for s in model.inputs]
+            row["outputs"] = [{"name": s.name, "datatype": s.datatype.name, "shape": list(s.shape)}
+                              for s in model.outputs]
+        rows.append(row)
+    return rows
+
+
+def _models_import(args: argparse.Namespace) -> int:
+    from .config import load_settings
+    from .repository import Repository
+    from .runtime import ModelOptions, ModelRuntime
+
+    root = args.model_repository or load_settings(args.config).model_repository
+    if not args.file.is_file():
+        raise EdgecowError(f"{args.file} does not exist")
+    model = ModelRuntime.load(args.name, args.version or 0, args.file, ModelOptions(providers=("CPUExecutionProvider",)))
+    target = Repository(root).import_model(args.file, args.name, args.version)
+    print(f"imported {args.file} as {args.name} version {target.parent.name} -> {target}")
+    for spec in model.inputs:
+        print(f"    input  {spec.name:<20} {spec.datatype.name:<6} {list(spec.shape)}")
+    for spec in model.outputs:
+        print(f"    output {spec.name:<20} {spec.datatype.name:<6} {list(spec.shape)}")
+    return 0
+
+
+def _install(args: argparse.Namespace) -> int:
+    from . import systemd
+
+    for change in systemd.install(args.root, dry_run=args.dry_run, gpu=args.gpu):
+        print(f"{change.action:9} {change.path}")
+    return 0
+
+
+def _uninstall(args: argparse.Namespace) -> int:
+    from . import systemd
+
+    for change in systemd.uninstall(args.root, dry_run=args.dry_run):
+        print(f"{change.action:9} {change.path}")
+    return 0

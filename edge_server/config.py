@@ -1,0 +1,170 @@
+"""One typed Settings object: defaults < TOML file < EDGECOW_* environment < command-line flags.
+
+    settings = load_settings(config_file=Path("edgecow.toml"), overrides={"listen": "127.0.0.1:9000"})
+    settings.model_repository, settings.listen, settings.max_inflight_per_model
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shm_client.errors import InvalidArgument
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+ENV_PREFIX = "EDGECOW_"
+EXAMPLES = Path(__file__).parent / "examples" / "models"
+
+
+class ConfigError(InvalidArgument):
+    """A setting or configuration file that cannot be used; the message names the file or variable."""
+
+
+def default_socket_path() -> Path:
+    """/run/edgecow/edgecow.sock when that directory is writable, else $XDG_RUNTIME_DIR, else /tmp."""
+    system = Path("/run/edgecow")
+    if system.is_dir() and os.access(system, os.W_OK):
+        return system / "edgecow.sock"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.access(runtime, os.W_OK):
+        return Path(runtime) / "edgecow.sock"
+    return Path(f"/tmp/edgecow-{os.getuid()}") / "edgecow.sock"
+
+
+@dataclass
+class Settings:
+    """Everything the server can be told; each field is a flag, an EDGECOW_ variable and a TOML key."""
+
+    model_repository: Path = EXAMPLES
+    models: list[str] = field(default_factory=list)  # load only these; empty = every model
+    socket: Path | None = None  # None = default_socket_path(); "none" in a file/env/flag disables it
+    listen: str = "0.0.0.0:8001"  # "none" disables TCP
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    log_level: str = "info"
+    poll_interval: float = 0.0  # seconds between repository scans; 0 = never
+    grace_period: float = 30.0  # seconds calls in flight get to finish on SIGTERM
+    workers: int = 32  # gRPC handler threads
+    require_gpu: bool = False
+    providers: list[str] = field(default_factory=lambda: ["auto"])
+    intra_op_threads: int = 0  # 0 = onnxruntime's choice
+    # Limits.
+    max_request_bytes: int = 2**31 - 1
+    max_tensor_bytes: int = 2**31 - 1
+    max_elements: int = 2**31 - 1
+    max_inflight_per_model: int = 8
+    max_queue_per_model: int = 64
+    # Shared memory.
+    shm_enabled: bool = True
+    shm_allow_remote: bool = False
+    shm_max_regions: int = 1024
+    shm_max_mapped_bytes: int = 32 * 2**30
+    shm_reap_interval: float = 2.0
+
+    def socket_path(self) -> Path | None:
+        return default_socket_path() if self.socket is None else (None if str(self.socket) == "" else self.socket)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+_DISABLED = {"", "none", "off"}
+
+
+def _convert(name: str, value: Any, source: str) -> Any:
+    """Turn a raw value from TOML, the environment or a flag into the field's type."""
+    kind = str(_FIELDS[name].type)
+    try:
+        if kind.startswith("Path"):
+            if value is None:
+                return None
+            if name == "socket" and str(value).strip().lower() in _DISABLED:
+                return Path("")
+            return Path(os.path.expanduser(str(value)))
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in {"1", "true", "yes", "on"}:
+                return True
+            if text in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError("expected true or false")
+        if kind == "int":
+            if isinstance(value, bool):
+                raise ValueError("expected an integer")
+            return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            return float(value)
+        if kind == "list[str]":
+            if isinstance(value, str):
+                return [part.strip() for part in value.split(",") if part.strip()]
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                return list(value)
+            raise ValueError("expected a list of strings")
+        if not isinstance(value, str):
+            raise ValueError("expected a string")
+        return value
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{source}: setting {name!r} has a bad value {value!r} ({err})") from None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML file; a ConfigError that names the file when it is missing or malformed."""
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"configuration file {path} is not valid TOML: {err}") from None
+    except OSError as err:
+        raise ConfigError(f"configuration file {path} cannot be read: {err.strerror}") from None
+
+
+def load_settings(
+    config_file: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Settings from defaults, then `config_file`, then EDGECOW_* variables, then `overrides` (flags)."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    config_file = config_file or (Path(environ["EDGECOW_CONFIG"]) if environ.get("EDGECOW_CONFIG") else None)
+    if config_file is not None:
+        for key, value in read_toml(config_file).items():
+            if key not in _FIELDS:
+                raise ConfigError(f"{config_file}: unknown setting {key!r}; known: {', '.join(sorted(_FIELDS))}")
+            values[key] = _convert(key, value, str(config_file))
+    for key in _FIELDS:
+        env_name = ENV_PREFIX + key.upper()
+        if env_name in environ:
+            values[key] = _convert(key, environ[env_name], f"environment variable {env_name}")
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = _convert(key, value, f"flag --{key.replace('_', '-')}")
+    settings = Settings(**values)
+    _validate(settings)
+    return settings
+
+
+def _validate(settings: Settings) -> None:
+    if settings.log_level.lower() not in {"debug", "info", "warning", "error", "critical"}:
+        raise ConfigError(f"log level {settings.log_level!r} is not one of debug, info, warning, error, critical")
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise ConfigError("TLS needs both --tls-cert and --tls-key")
+    for name in ("workers", "max_inflight_per_model", "shm_max_regions"):
+        if getattr(settings, name) < 1:
+            raise ConfigError(f"setting {name!r} must be at least 1")
+    for name in ("poll_interval", "grace_period", "max_queue_per_model", "shm_reap_interval"):
+        if getattr(settings, name) < 0:
+            raise ConfigError(f"setting {name!r} must not be negative")

@@ -1,0 +1,146 @@
+"""Protobuf messages <-> dataplane objects, both directions side by side.
+
+    request = to_infer_request(proto_request, deadline=None)
+    proto_response = from_infer_response(response)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from shm_client import datatypes
+from shm_client._proto import inference_pb2 as pb
+from shm_client.errors import InvalidArgument
+
+from .dataplane import InferRequest, InferResponse, InputTensor, RequestedOutput, ShmRef
+
+SHM_REGION = "shared_memory_region"
+SHM_OFFSET = "shared_memory_offset"
+SHM_SIZE = "shared_memory_byte_size"
+INT64_MAX = 2**63 - 1
+
+
+def _param_value(param: pb.InferParameter) -> object:
+    kind = param.WhichOneof("parameter_choice")
+    return None if kind is None else getattr(param, kind)
+
+
+def to_shm_ref(params: Mapping[str, pb.InferParameter], what: str) -> ShmRef | None:
+    """The shared-memory reference in a tensor's parameters, or None; INVALID_ARGUMENT if half-given."""
+    if SHM_REGION not in params:
+        if SHM_SIZE in params or SHM_OFFSET in params:
+            raise InvalidArgument(f"{what} gives a shared-memory size or offset but no shared_memory_region")
+        return None
+    region = params[SHM_REGION]
+    if region.WhichOneof("parameter_choice") != "string_param" or not region.string_param:
+        raise InvalidArgument(f"{what}: shared_memory_region must be a non-empty string parameter")
+    if SHM_SIZE not in params:
+        raise InvalidArgument(f"{what}: shared_memory_byte_size is required with shared_memory_region")
+    size = _int_param(params[SHM_SIZE], f"{what}: shared_memory_byte_size")
+    offset = _int_param(params[SHM_OFFSET], f"{what}: shared_memory_offset") if SHM_OFFSET in params else 0
+    return ShmRef(region.string_param, size, offset)
+
+
+def _int_param(param: pb.InferParameter, what: str) -> int:
+    kind = param.WhichOneof("parameter_choice")
+    if kind not in ("int64_param", "uint64_param"):
+        raise InvalidArgument(f"{what} must be an integer parameter, not {kind or 'empty'}")
+    value = getattr(param, kind)
+    if value < 0 or value > INT64_MAX:
+        raise InvalidArgument(f"{what} must be between 0 and 2^63-1, not {value}")
+    return value
+
+
+def to_contents_array(tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarray:
+    """The values of a tensor sent as typed `contents`, as an array of its datatype."""
+    dt = datatypes.lookup(tensor.datatype)
+    if dt.contents_field is None:
+        raise InvalidArgument(f"input {tensor.name!r}: {dt.name} has no typed contents field; send it as raw bytes")
+    for field, _ in tensor.contents.ListFields():
+        if field.name != dt.contents_field:
+            raise InvalidArgument(
+                f"input {tensor.name!r} is {dt.name}, which travels in {dt.contents_field}, not {field.name}"
+            )
+    values = getattr(tensor.contents, dt.contents_field)
+    if dt.variable_size:
+        array = np.empty(len(values), dtype=object)
+        array[:] = list(values)
+        return array
+    dtype = datatypes.numpy_dtype(dt)
+    try:
+        wide = np.array(values)
+        array = wide.astype(dtype)
+    except (OverflowError, ValueError) as err:
+        raise InvalidArgument(f"input {tensor.name!r}: contents do not fit {dt.name} ({err})") from None
+    if wide.size and dtype.kind in "iu" and not np.array_equal(array.astype(wide.dtype), wide):
+        raise InvalidArgument(f"input {tensor.name!r}: contents hold values outside the range of {dt.name}")
+    return array
+
+
+def to_infer_request(request: pb.ModelInferRequest, deadline: float | None = None) -> InferRequest:
+    """Pair raw entries with inputs in order, read shm references and typed contents."""
+    inputs = []
+    raw = list(request.raw_input_contents)
+    uses_contents = False
+    raw_users = 0
+    for tensor in request.inputs:
+        what = f"input {tensor.name!r}"
+        shm = to_shm_ref(tensor.parameters, what)
+        has_contents = tensor.HasField("contents") and bool(tensor.contents.ListFields())
+        item = InputTensor(tensor.name, tensor.datatype, tuple(tensor.shape), shm=shm)
+        if shm is not None and has_contents:
+            raise InvalidArgument(f"{what} gives both a shared-memory region and contents; give one")
+        if has_contents:
+            uses_contents = True
+            item.array = to_contents_array(tensor)
+        elif shm is None:
+            if raw_users < len(raw):
+                item.raw = raw[raw_users]
+            raw_users += 1
+        inputs.append(item)
+    if raw and uses_contents:
+        raise InvalidArgument("the request mixes raw_input_contents with typed contents; use one or the other")
+    if raw and raw_users != len(raw):
+        raise InvalidArgument(
+            f"the request has {len(raw)} raw_input_contents entries for {raw_users} inputs that need one"
+        )
+    outputs = [
+        RequestedOutput(o.name, to_shm_ref(o.parameters, f"output {o.name!r}")) for o in request.outputs
+    ]
+    return InferRequest(request.model_name, request.model_version, request.id, inputs, outputs, deadline)
+
+
+def request_timeout(request: pb.ModelInferRequest) -> float | None:
+    """The v2 `timeout` parameter (microseconds) in seconds, or None."""
+    if "timeout" not in request.parameters:
+        return None
+    value = _param_value(request.parameters["timeout"])
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidArgument("parameter 'timeout' must be a non-negative integer number of microseconds")
+    return value / 1e6 if value else None
+
+
+def from_infer_response(response: InferResponse) -> pb.ModelInferResponse:
+    """Every output gets one raw entry in order; an output in shared memory gets an empty one."""
+    message = pb.ModelInferResponse(model_name=response.model, model_version=response.version, id=response.id)
+    for output in response.outputs:
+        tensor = message.outputs.add(name=output.name, datatype=output.datatype, shape=output.shape)
+        if output.array is None:
+            assert output.shm is not None
+            tensor.parameters[SHM_REGION].string_param = output.shm.region
+            tensor.parameters[SHM_SIZE].int64_param = output.shm.byte_size
+            tensor.parameters[SHM_OFFSET].int64_param = output.shm.offset
+            message.raw_output_contents.append(b"")
+        elif output.array.dtype == object:
+            message.raw_output_contents.append(datatypes.encode_bytes(output.array))
+        else:
+            message.raw_output_contents.append(np.ascontiguousarray(output.array).tobytes())
+    return message
+
+
+def to_tensor_metadata(target: pb.ModelMetadataResponse.TensorMetadata, spec: object) -> None:
+    target.name = spec.name  # type: ignore[attr-defined]
+    target.datatype = spec.datatype.name  # type: ignore[attr-defined]
+    target.shape.extend(spec.shape)  # type: ignore[attr-defined]

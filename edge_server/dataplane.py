@@ -1,0 +1,454 @@
+"""The transport-agnostic core: an InferRequest in, an InferResponse out.
+
+    plane = DataPlane(store, registry, settings)
+    response = plane.infer(InferRequest("scale", inputs=[InputTensor("x", "FP32", (4,), raw=data)]), local=True)
+
+It resolves the model, turns every input into an ndarray (a view on the gRPC bytes or on a shared-memory
+mapping, never a copy of either), runs onnxruntime, and places each output in the caller's region or
+hands it back for the transport to serialise. It never knows which transport a request came on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from shm_client import datatypes
+from shm_client.errors import (
+    DeadlineExceeded,
+    EdgecowError,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+)
+
+from .config import Settings
+from .repository import ModelStore
+from .runtime import ModelRuntime, TensorSpec
+from .shm import Region, RegionRegistry
+
+log = logging.getLogger(__name__)
+INT64_MAX = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class ShmRef:
+    """Where a tensor lives in a registered region."""
+
+    region: str
+    byte_size: int
+    offset: int = 0
+
+
+@dataclass
+class InputTensor:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    raw: bytes | memoryview | None = None
+    array: np.ndarray | None = None  # from typed contents, already decoded
+    shm: ShmRef | None = None
+
+
+@dataclass
+class RequestedOutput:
+    name: str
+    shm: ShmRef | None = None
+
+
+@dataclass
+class InferRequest:
+    model: str
+    version: str = ""
+    id: str = ""
+    inputs: list[InputTensor] = field(default_factory=list)
+    outputs: list[RequestedOutput] = field(default_factory=list)
+    deadline: float | None = None  # time.monotonic() value
+
+
+@dataclass
+class OutputTensor:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    array: np.ndarray | None  # None when the output was placed in shared memory
+    shm: ShmRef | None = None
+
+
+@dataclass
+class InferResponse:
+    model: str
+    version: str
+    id: str
+    outputs: list[OutputTensor]
+
+
+class Duration:
+    """A count and a total in nanoseconds, as v2 statistics report them."""
+
+    __slots__ = ("count", "ns")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.ns = 0
+
+    def add(self, ns: int) -> None:
+        self.count += 1
+        self.ns += ns
+
+
+class ModelStats:
+    """Counters for one model version; updated under the DataPlane's stats lock."""
+
+    def __init__(self) -> None:
+        self.success = Duration()
+        self.fail = Duration()
+        self.queue = Duration()
+        self.compute_input = Duration()
+        self.compute_infer = Duration()
+        self.compute_output = Duration()
+        self.inference_count = 0
+        self.execution_count = 0
+        self.last_inference_ms = 0
+
+
+class ModelGate:
+    """At most `limit` calls of a model run at once; at most `queue` more wait, the rest are refused."""
+
+    def __init__(self, name: str, limit: int, queue: int) -> None:
+        self.name = name
+        self.queue = queue
+        self._slots = threading.BoundedSemaphore(limit)
+        self._lock = threading.Lock()
+        self.waiting = 0
+        self.running = 0
+
+    @contextlib.contextmanager
+    def enter(self, deadline: float | None) -> Iterator[None]:
+        if not self._slots.acquire(blocking=False):
+            with self._lock:
+                if self.waiting >= self.queue:
+                    raise ResourceExhausted(
+                        f"model {self.name!r} is at its limit of calls in flight and {self.queue} are already "
+                        "waiting; retry later or raise max_queue_per_model"
+                    )
+                self.waiting += 1
+            try:
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not self._slots.acquire(timeout=timeout):
+                    raise DeadlineExceeded(f"the call's deadline passed while it waited for model {self.name!r}")
+            finally:
+                with self._lock:
+                    self.waiting -= 1
+        with self._lock:
+            self.running += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.running -= 1
+            self._slots.release()
+
+
+class DataPlane:
+    """Runs inference requests against the model store, with shared memory from the registry."""
+
+    def __init__(self, store: ModelStore, registry: RegionRegistry, settings: Settings) -> None:
+        self.store = store
+        self.registry = registry
+        self.settings = settings
+        self._stats: dict[tuple[str, int], ModelStats] = {}
+        self._gates: dict[str, ModelGate] = {}
+        self._lock = threading.Lock()
+        self.accepting = True
+        self._in_flight = 0
+        self._idle = threading.Condition(self._lock)
+
+    # -- admission -------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _admitted(self) -> Iterator[None]:
+        with self._lock:
+            if not self.accepting:
+                raise Unavailable("the server is shutting down and takes no new calls")
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self._idle.notify_all()
+
+    def drain(self, timeout: float) -> bool:
+        """Refuse new calls and wait up to `timeout` s for those in flight; True when none are left."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self.accepting = False
+            while self._in_flight:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._idle.wait(remaining)
+        return True
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def gate(self, name: str) -> ModelGate:
+        gate = self._gates.get(name)
+        if gate is None:
+            with self._lock:
+                gate = self._gates.setdefault(
+                    name,
+                    ModelGate(name, self.settings.max_inflight_per_model, self.settings.max_queue_per_model),
+                )
+        return gate
+
+    def stats(self, model: ModelRuntime) -> ModelStats:
+        key = (model.name, model.version)
+        stats = self._stats.get(key)
+        if stats is None:
+            with self._lock:
+                stats = self._stats.setdefault(key, ModelStats())
+        return stats
+
+    # -- inference -------------------------------------------------------------------------------------
+    def infer(self, request: InferRequest, local: bool) -> InferResponse:
+        """Run one request; raises EdgecowError with the status code for anything the caller got wrong."""
+        with self._admitted():
+            model = self.store.get(request.model, request.version)
+            stats = self.stats(model)
+            start = time.monotonic_ns()
+            try:
+                with self.gate(model.name).enter(request.deadline):
+                    queued = time.monotonic_ns()
+                    response, timings = self._run(model, request, local)
+            except EdgecowError:
+                with self._lock:
+                    stats.fail.add(time.monotonic_ns() - start)
+                raise
+            with self._lock:
+                stats.queue.add(queued - start)
+                stats.compute_input.add(timings[0])
+                stats.compute_infer.add(timings[1])
+                stats.compute_output.add(timings[2])
+                stats.success.add(time.monotonic_ns() - start)
+                stats.inference_count += 1
+                stats.execution_count += 1
+                stats.last_inference_ms = int(time.time() * 1000)
+            return response
+
+    def _run(self, model: ModelRuntime, request: InferRequest, local: bool) -> tuple[InferResponse, tuple[int, ...]]:
+        uses_shm = any(t.shm for t in request.inputs) or any(o.shm for o in request.outputs)
+        if uses_shm and not local and not self.settings.shm_allow_remote:
+            raise PermissionDenied("shared memory can only be used by callers on this machine")
+        if uses_shm and not self.settings.shm_enabled:
+            raise Unavailable("shared memory is disabled on this server; send the tensors in the request")
+        t0 = time.monotonic_ns()
+        with contextlib.ExitStack() as held:
+            regions: dict[str, Region] = {}
+
+            def region(name: str) -> Region:
+                if name not in regions:
+                    regions[name] = held.enter_context(self.registry.use(name))
+                return regions[name]
+
+            feeds = self._feeds(model, request.inputs, region)
+            wanted = self._wanted_outputs(model, request.outputs)
+            out_buffers = self._bound_outputs(model, wanted, region)
+            t1 = time.monotonic_ns()
+            results = self._execute(model, feeds, [o.name for o in wanted], out_buffers, request.deadline)
+            t2 = time.monotonic_ns()
+            outputs = [self._place(model.spec(o.name), o, results[o.name], out_buffers, region) for o in wanted]
+            del feeds, results, out_buffers
+        t3 = time.monotonic_ns()
+        response = InferResponse(model.name, str(model.version), request.id, outputs)
+        return response, (t1 - t0, t2 - t1, t3 - t2)
+
+    def _execute(
+        self,
+        model: ModelRuntime,
+        feeds: dict[str, np.ndarray],
+        names: list[str],
+        out_buffers: dict[str, np.ndarray],
+        deadline: float | None,
+    ) -> dict[str, np.ndarray]:
+        if deadline is None:
+            return model.run(feeds, names, out_buffers)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded("the call's deadline passed before the model ran")
+        options = ort.RunOptions()
+        timer = threading.Timer(remaining, lambda: setattr(options, "terminate", True))
+        timer.daemon = True
+        timer.start()
+        try:
+            return model.run(feeds, names, out_buffers, options)
+        finally:
+            timer.cancel()
+
+    # -- inputs ----------------------------------------------------------------------------------------
+    def _feeds(self, model: ModelRuntime, inputs: list[InputTensor], region: Any) -> dict[str, np.ndarray]:
+        feeds: dict[str, np.ndarray] = {}
+        for tensor in inputs:
+            spec = model.spec(tensor.name)
+            if spec is None or spec not in model.inputs:
+                known = ", ".join(s.name for s in model.inputs)
+                raise InvalidArgument(f"model {model.name!r} has no input {tensor.name!r}; its inputs are: {known}")
+            if tensor.name in feeds:
+                raise InvalidArgument(f"input {tensor.name!r} is given more than once")
+            feeds[tensor.name] = self._input_array(spec, tensor, region)
+        missing = [s.name for s in model.inputs if s.name not in feeds]
+        if missing:
+            raise InvalidArgument(f"model {model.name!r} needs input(s) {', '.join(missing)} which the request lacks")
+        return feeds
+
+    def _input_array(self, spec: TensorSpec, tensor: InputTensor, region: Any) -> np.ndarray:
+        what = f"input {tensor.name!r}"
+        dt = datatypes.lookup(tensor.datatype)
+        if dt.name != spec.datatype.name:
+            raise InvalidArgument(f"{what} must be {spec.datatype.name}, not {dt.name}")
+        dtype = datatypes.numpy_dtype(dt)
+        shape = check_shape(spec, tensor.shape, what, self.settings.max_elements)
+        count = element_count(shape)
+        if not dt.variable_size and count * dt.itemsize > self.settings.max_tensor_bytes:
+            raise ResourceExhausted(
+                f"{what} is {count * dt.itemsize} bytes; this server takes tensors up to "
+                f"{self.settings.max_tensor_bytes} bytes"
+            )
+        if tensor.array is not None:
+            if tensor.array.size != count:
+                raise InvalidArgument(f"{what} has {tensor.array.size} values in contents but shape {list(shape)} "
+                                      f"needs {count}")
+            return tensor.array.reshape(shape)
+        if tensor.shm is not None:
+            ref = tensor.shm
+            held = region(ref.region)
+            if dt.variable_size:
+                return datatypes.decode_bytes(held.raw(ref.offset, ref.byte_size, what), count).reshape(shape)
+            expected = count * dt.itemsize
+            if ref.byte_size != expected:
+                raise InvalidArgument(
+                    f"{what} has shared_memory_byte_size {ref.byte_size} but shape {list(shape)} of {dt.name} "
+                    f"needs {expected} bytes"
+                )
+            return held.view(ref.offset, expected, dtype, shape, what)
+        if tensor.raw is None:
+            raise InvalidArgument(f"{what} has no data: give contents, a raw entry or a shared-memory region")
+        if dt.variable_size:
+            return datatypes.decode_bytes(tensor.raw, count).reshape(shape)
+        expected = count * dt.itemsize
+        if len(tensor.raw) != expected:
+            raise InvalidArgument(
+                f"{what} has {len(tensor.raw)} raw bytes but shape {list(shape)} of {dt.name} needs {expected}"
+            )
+        return np.frombuffer(tensor.raw, dtype=dtype, count=count).reshape(shape)
+
+    # -- outputs ---------------------------------------------------------------------------------------
+    def _wanted_outputs(self, model: ModelRuntime, requested: list[RequestedOutput]) -> list[RequestedOutput]:
+        if not requested:
+            return [RequestedOutput(spec.name) for spec in model.outputs]
+        seen = set()
+        for output in requested:
+            spec = model.spec(output.name)
+            if spec is None or spec not in model.outputs:
+                known = ", ".join(s.name for s in model.outputs)
+                raise InvalidArgument(
+                    f"model {model.name!r} has no output {output.name!r}; its outputs are: {known}"
+                )
+            if output.name in seen:
+                raise InvalidArgument(f"output {output.name!r} is requested more than once")
+            seen.add(output.name)
+        return requested
+
+    def _bound_outputs(self, model: ModelRuntime, wanted: list[RequestedOutput], region: Any) -> dict[str, np.ndarray]:
+        """Views on the caller's regions for outputs whose shape is known before the run, so that
+        onnxruntime writes there directly."""
+        buffers = {}
+        for output in wanted:
+            if output.shm is None:
+                continue
+            spec = model.spec(output.name)
+            assert spec is not None
+            needed = spec.byte_size()
+            what = f"output {output.name!r}"
+            held = region(output.shm.region)
+            if needed is None:
+                held.check(output.shm.offset, output.shm.byte_size, what)
+                continue
+            if output.shm.byte_size < needed:
+                raise InvalidArgument(
+                    f"{what} needs {needed} bytes but its shared-memory slot has {output.shm.byte_size}"
+                )
+            buffers[output.name] = held.view(
+                output.shm.offset, needed, datatypes.numpy_dtype(spec.datatype), spec.shape, what
+            )
+        return buffers
+
+    def _place(
+        self,
+        spec: TensorSpec | None,
+        output: RequestedOutput,
+        value: np.ndarray,
+        out_buffers: dict[str, np.ndarray],
+        region: Any,
+    ) -> OutputTensor:
+        assert spec is not None
+        shape = tuple(int(d) for d in value.shape)
+        result = OutputTensor(output.name, spec.datatype.name, shape, value)
+        if output.shm is None:
+            return result
+        result.array = None
+        result.shm = output.shm
+        if output.name in out_buffers:
+            return result  # onnxruntime wrote it in place
+        what = f"output {output.name!r}"
+        held = region(output.shm.region)
+        data = datatypes.encode_bytes(value) if spec.datatype.variable_size else value
+        size = len(data) if isinstance(data, bytes) else value.nbytes
+        if size > output.shm.byte_size:
+            raise InvalidArgument(f"{what} needs {size} bytes but its shared-memory slot has {output.shm.byte_size}")
+        target = held.raw(output.shm.offset, size, what)
+        target[:] = data if isinstance(data, bytes) else np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+        return result
+
+
+def element_count(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def check_shape(spec: TensorSpec, shape: tuple[int, ...], what: str, max_elements: int) -> tuple[int, ...]:
+    """`shape` after checking it against the model's spec and the server's element limit."""
+    if any(dim < 0 for dim in shape):
+        raise InvalidArgument(f"{what} has a negative dimension in shape {list(shape)}")
+    if len(shape) != len(spec.shape):
+        raise InvalidArgument(
+            f"{what} must have {len(spec.shape)} dimension(s) like {_fmt(spec.shape)}, not shape {list(shape)}"
+        )
+    for got, want in zip(shape, spec.shape):
+        if want >= 0 and got != want:
+            raise InvalidArgument(f"{what} must have shape {_fmt(spec.shape)}, not {list(shape)}")
+    count = element_count(shape)
+    if count > INT64_MAX:
+        raise InvalidArgument(f"{what} shape {list(shape)} has more elements than fit in 64 bits")
+    if count > max_elements:
+        raise ResourceExhausted(f"{what} has {count} elements; this server takes at most {max_elements}")
+    return shape
+
+
+def _fmt(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join("-1" if d < 0 else str(d) for d in shape) + "]"
+

@@ -1,0 +1,385 @@
+"""Thin gRPC servicers: protobuf in, DataPlane / store / registry calls, protobuf out.
+
+    add_services(server, state)    # inference.GRPCInferenceService + edgecow.v1.EdgecowService
+
+Every EdgecowError is turned into its status code here, once; anything else is logged and answered
+INTERNAL without internals in the message.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import onnxruntime as ort
+import psutil
+
+from edge_server import __version__
+from shm_client._proto import edgecow_pb2, edgecow_pb2_grpc
+from shm_client._proto import inference_pb2 as pb
+from shm_client._proto import inference_pb2_grpc as pb_grpc
+from shm_client.errors import EdgecowError, InvalidArgument, NotFound, PermissionDenied, Unimplemented
+
+from . import convert
+from .config import Settings
+from .dataplane import DataPlane
+from .repository import ModelStore
+from .runtime import ModelRuntime
+from .shm import Beacon, RegionRegistry, probe_client_segment
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = [
+    "classification",
+    "model_repository",
+    "model_configuration",
+    "system_shared_memory",
+    "statistics",
+    "binary_tensor_data",
+    "parameters",
+    "edgecow",
+]
+
+
+@dataclass
+class ServerState:
+    """Everything the servicers share."""
+
+    settings: Settings
+    store: ModelStore
+    registry: RegionRegistry
+    plane: DataPlane
+    beacon: Beacon | None = None
+    listeners: list[str] = field(default_factory=list)
+    ready: bool = False
+    started: float = field(default_factory=time.time)
+
+
+def is_local_peer(peer: str) -> bool:
+    """unix sockets and loopback addresses count as this machine."""
+    if peer.startswith("unix:") or peer.startswith("unix-abstract:"):
+        return True
+    if peer.startswith("ipv4:"):
+        return peer[5:].startswith("127.")
+    if peer.startswith("ipv6:"):
+        host = peer[5:].rsplit(":", 1)[0].strip("[]")
+        return host == "::1" or host.startswith("::ffff:127.")
+    return False
+
+
+def _abort(context: grpc.ServicerContext, err: EdgecowError) -> None:
+    context.abort(err.code, err.message)
+
+
+def handled(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Map EdgecowError to its status code; other exceptions to INTERNAL with a generic message."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except EdgecowError as err:
+            _abort(context, err)
+        except MemoryError:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "the server ran out of memory for this call")
+        except Exception:
+            if context.code() is not None:  # already aborted
+                raise
+            log.exception("unexpected error in %s", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed inside the server; see its log")
+
+    return wrapper
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """inference.GRPCInferenceService."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+
+    # -- health ----------------------------------------------------------------------------------------
+    @handled
+    def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.ServicerContext) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    @handled
+    def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.ServicerContext) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.state.ready and self.state.plane.accepting)
+
+    @handled
+    def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.ServicerContext) -> pb.ModelReadyResponse:
+        try:
+            self.state.store.get(request.name, request.version)
+        except EdgecowError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=self.state.plane.accepting)
+
+    # -- metadata --------------------------------------------------------------------------------------
+    @handled
+    def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.ServicerContext) -> Any:
+        return pb.ServerMetadataResponse(name="edgecow", version=__version__, extensions=EXTENSIONS)
+
+    @handled
+    def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.ServicerContext) -> Any:
+        model = self.state.store.get(request.name, request.version)
+        versions = [str(m.version) for m in self.state.store.loaded() if m.name == model.name]
+        response = pb.ModelMetadataResponse(name=model.name, versions=versions, platform="onnxruntime_onnx")
+        for spec in model.inputs:
+            convert.to_tensor_metadata(response.inputs.add(), spec)
+        for spec in model.outputs:
+            convert.to_tensor_metadata(response.outputs.add(), spec)
+        return response
+
+    @handled
+    def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.ServicerContext) -> Any:
+        model = self.state.store.get(request.name, request.version)
+        config = pb.ModelConfig(name=model.name, platform="onnxruntime_onnx", backend="onnxruntime")
+        policy = self.state.store.repository.config(model.name).version_policy
+        if policy.kind == "all":
+            config.version_policy.all.SetInParent()
+        elif policy.kind == "specific":
+            config.version_policy.specific.versions.extend(policy.versions)
+        else:
+            config.version_policy.latest.num_versions = policy.count
+        for spec in model.inputs:
+            config.input.add(name=spec.name, data_type=spec.datatype.config_enum, dims=spec.shape)
+        for spec in model.outputs:
+            config.output.add(name=spec.name, data_type=spec.datatype.config_enum, dims=spec.shape)
+        return pb.ModelConfigResponse(config=config)
+
+    @handled
+    def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.ServicerContext) -> Any:
+        if request.name:
+            models = [self.state.store.get(request.name, request.version)]
+        else:
+            models = self.state.store.loaded()
+        response = pb.ModelStatisticsResponse()
+        for model in models:
+            response.model_stats.append(self._stats(model))
+        return response
+
+    def _stats(self, model: ModelRuntime) -> pb.ModelStatistics:
+        stats = self.state.plane.stats(model)
+        message = pb.ModelStatistics(
+            name=model.name,
+            version=str(model.version),
+            last_inference=stats.last_inference_ms,
+            inference_count=stats.inference_count,
+            execution_count=stats.execution_count,
+        )
+        for name in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
+            duration = getattr(stats, name)
+            target = getattr(message.inference_stats, name)
+            target.count = duration.count
+            target.ns = duration.ns
+        message.inference_stats.cache_hit.SetInParent()
+        message.inference_stats.cache_miss.SetInParent()
+        return message
+
+    # -- inference -------------------------------------------------------------------------------------
+    def _infer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:
+        now = time.monotonic()
+        limits = [context.time_remaining(), convert.request_timeout(request)]
+        remaining = [t for t in limits if t is not None]
+        deadline = now + min(remaining) if remaining else None
+        infer_request = convert.to_infer_request(request, deadline)
+        response = self.state.plane.infer(infer_request, local=is_local_peer(context.peer()))
+        return convert.from_infer_response(response)
+
+    @handled
+    def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:
+        return self._infer(request, context)
+
+    def ModelStreamInfer(
+        self, request_iterator: Iterator[pb.ModelInferRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.ModelStreamInferResponse]:
+        for request in request_iterator:
+            try:
+                yield pb.ModelStreamInferResponse(infer_response=self._infer(request, context))
+            except EdgecowError as err:
+                yield pb.ModelStreamInferResponse(
+                    error_message=f"{err.code.name}: {err.message}",
+                    infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
+                )
+            except Exception:
+                log.exception("unexpected error in ModelStreamInfer")
+                yield pb.ModelStreamInferResponse(error_message="INTERNAL: the call failed inside the server")
+
+    # -- repository ------------------------------------------------------------------------------------
+    @handled
+    def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.ServicerContext) -> Any:
+        self._check_repository(request.repository_name)
+        response = pb.RepositoryIndexResponse()
+        for state in self.state.store.index():
+            if request.ready and state.state != "READY":
+                continue
+            response.models.add(
+                name=state.name, version=str(state.version) if state.version else "", state=state.state,
+                reason=state.reason,
+            )
+        return response
+
+    @handled
+    def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: grpc.ServicerContext) -> Any:
+        self._check_repository(request.repository_name)
+        self._check_control(context, "load models")
+        if request.parameters:
+            raise Unimplemented("RepositoryModelLoad parameters (config or file overrides) are not supported")
+        if not request.model_name:
+            raise InvalidArgument("model_name is empty; name the model to load")
+        self.state.store.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    @handled
+    def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: grpc.ServicerContext) -> Any:
+        self._check_repository(request.repository_name)
+        self._check_control(context, "unload models")
+        if not request.model_name:
+            raise InvalidArgument("model_name is empty; name the model to unload")
+        self.state.store.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    def _check_repository(self, name: str) -> None:
+        if name not in ("", "default", self.state.store.repository.root.name):
+            raise NotFound(f"repository {name!r} is not served here; leave repository_name empty")
+
+    def _check_control(self, context: grpc.ServicerContext, action: str) -> None:
+        if not is_local_peer(context.peer()) and not self.state.settings.shm_allow_remote:
+            raise PermissionDenied(f"only callers on this machine may {action}")
+
+    # -- system shared memory --------------------------------------------------------------------------
+    def _check_shm(self, context: grpc.ServicerContext) -> None:
+        if not self.state.settings.shm_enabled:
+            raise Unimplemented("shared memory is disabled on this server; send tensors in the request")
+        if not self.state.settings.shm_allow_remote and not is_local_peer(context.peer()):
+            raise PermissionDenied("shared memory can only be registered by callers on this machine")
+
+    @handled
+    def SystemSharedMemoryStatus(self, request: pb.SystemSharedMemoryStatusRequest, context: grpc.ServicerContext) -> Any:
+        response = pb.SystemSharedMemoryStatusResponse()
+        if not self.state.settings.shm_enabled:
+            return response
+        for region in self.state.registry.status(request.name):
+            status = response.regions[region.name]
+            status.name = region.name
+            status.key = "/" + region.key
+            status.offset = region.offset
+            status.byte_size = region.byte_size
+        return response
+
+    @handled
+    def SystemSharedMemoryRegister(self, request: pb.SystemSharedMemoryRegisterRequest, context: grpc.ServicerContext) -> Any:
+        self._check_shm(context)
+        self.state.registry.register(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @handled
+    def SystemSharedMemoryUnregister(self, request: pb.SystemSharedMemoryUnregisterRequest, context: grpc.ServicerContext) -> Any:
+        self._check_shm(context)
+        self.state.registry.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    # -- CUDA shared memory: not on this server --------------------------------------------------------
+    @handled
+    def CudaSharedMemoryStatus(self, request: pb.CudaSharedMemoryStatusRequest, context: grpc.ServicerContext) -> Any:
+        if request.name:
+            raise NotFound(f"CUDA shared-memory region {request.name!r} is not registered")
+        return pb.CudaSharedMemoryStatusResponse()
+
+    @handled
+    def CudaSharedMemoryRegister(self, request: pb.CudaSharedMemoryRegisterRequest, context: grpc.ServicerContext) -> Any:
+        raise Unimplemented("CUDA shared memory is not supported by edgecow; use system shared memory")
+
+    @handled
+    def CudaSharedMemoryUnregister(self, request: pb.CudaSharedMemoryUnregisterRequest, context: grpc.ServicerContext) -> Any:
+        return pb.CudaSharedMemoryUnregisterResponse()  # nothing is ever registered, so this always holds
+
+    @handled
+    def TraceSetting(self, request: pb.TraceSettingRequest, context: grpc.ServicerContext) -> Any:
+        raise Unimplemented("tracing is not supported by edgecow")
+
+    @handled
+    def LogSettings(self, request: pb.LogSettingsRequest, context: grpc.ServicerContext) -> Any:
+        raise Unimplemented("log settings cannot be changed at run time; use --log-level")
+
+
+class EdgecowServicer(edgecow_pb2_grpc.EdgecowServiceServicer):
+    """edgecow.v1.EdgecowService: the shared-memory probe and status figures."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+
+    @handled
+    def ProbeSharedMemory(self, request: edgecow_pb2.ProbeSharedMemoryRequest, context: grpc.ServicerContext) -> Any:
+        state = self.state
+        response = edgecow_pb2.ProbeSharedMemoryResponse()
+        if not state.settings.shm_enabled:
+            response.reason = "shared memory is disabled on this server"
+            return response
+        if not state.settings.shm_allow_remote and not is_local_peer(context.peer()):
+            response.reason = "the caller is not on this machine"
+            return response
+        matched, reason = probe_client_segment(request.key, request.token)
+        response.matched = matched
+        response.reason = reason or ("" if matched else "the server read different bytes")
+        if state.beacon is not None and state.beacon.segment is not None:
+            response.beacon_key = state.beacon.key
+            response.beacon_sha256 = state.beacon.sha256
+            response.beacon_byte_size = state.beacon.SIZE
+        return response
+
+    @handled
+    def GetStatus(self, request: edgecow_pb2.GetStatusRequest, context: grpc.ServicerContext) -> Any:
+        state = self.state
+        response = edgecow_pb2.GetStatusResponse(
+            version=__version__,
+            listeners=state.listeners,
+            available_providers=ort.get_available_providers(),
+            registered_regions=len(state.registry),
+            mapped_bytes=state.registry.mapped_bytes(),
+            shared_memory_enabled=state.settings.shm_enabled,
+        )
+        for model in state.store.loaded():
+            stats = state.plane.stats(model)
+            gate = state.plane.gate(model.name)
+            response.models.add(
+                name=model.name, version=str(model.version), providers=model.providers,
+                inference_count=stats.inference_count, in_flight=gate.running,
+            )
+        proc = psutil.Process()
+        with proc.oneshot():
+            response.process.pid = proc.pid
+            response.process.rss_bytes = proc.memory_info().rss
+            response.process.cpu_percent = proc.cpu_percent(interval=None)
+            response.process.threads = proc.num_threads()
+            response.process.open_files = proc.num_fds()
+            response.process.uptime_seconds = time.time() - state.started
+        memory = psutil.virtual_memory()
+        response.system.memory_total_bytes = memory.total
+        response.system.memory_available_bytes = memory.available
+        response.system.cpu_percent = psutil.cpu_percent(interval=None)
+        response.system.load_average_1m = os.getloadavg()[0]
+        try:
+            shm = shutil.disk_usage("/dev/shm")
+            response.system.shm_total_bytes = shm.total
+            response.system.shm_free_bytes = shm.free
+        except OSError:
+            pass
+        return response
+
+
+def add_services(server: grpc.Server, state: ServerState) -> None:
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(state), server)
+    edgecow_pb2_grpc.add_EdgecowServiceServicer_to_server(EdgecowServicer(state), server)
+
+
+def beacon_digest(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()

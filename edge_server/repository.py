@@ -1,0 +1,381 @@
+"""The model repository on disk and the set of model versions loaded from it.
+
+    store = ModelStore(Repository(Path("models")), settings); store.load_all()
+    model = store.get("scale", version="")        # highest loaded version, a ModelRuntime
+
+Layout: <root>/<name>/<version>/model.onnx, versions are positive integers, plus an optional
+<root>/<name>/config.toml (providers, threads, version policy, warmup, require_gpu). A swap is atomic:
+a call holds the ModelRuntime it started with, so it finishes on the old session.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shm_client.errors import EdgecowError, InvalidArgument, NotFound, Unavailable
+
+from .config import ConfigError, Settings, read_toml
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+CONFIG_FILE = "config.toml"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which versions on disk to serve: the latest N, all, or a fixed list."""
+
+    kind: str = "latest"  # "latest" | "all" | "specific"
+    count: int = 1
+    versions: tuple[int, ...] = ()
+
+    def select(self, available: list[int]) -> list[int]:
+        ordered = sorted(available)
+        if self.kind == "all":
+            return ordered
+        if self.kind == "specific":
+            return [v for v in ordered if v in self.versions]
+        return ordered[-self.count :]
+
+
+@dataclass(frozen=True)
+class ModelConfigFile:
+    """The contents of <root>/<name>/config.toml."""
+
+    providers: tuple[str, ...] | None = None
+    intra_op_threads: int | None = None
+    inter_op_threads: int | None = None
+    version_policy: VersionPolicy = VersionPolicy()
+    warmup: bool = False
+    require_gpu: bool | None = None
+
+
+_CONFIG_KEYS = {"providers", "intra_op_threads", "inter_op_threads", "version_policy", "warmup", "require_gpu"}
+
+
+def _policy(value: Any, path: Path) -> VersionPolicy:
+    if value == "all":
+        return VersionPolicy("all")
+    if isinstance(value, dict) and len(value) == 1:
+        ((key, arg),) = value.items()
+        if key == "latest" and isinstance(arg, int) and not isinstance(arg, bool) and arg >= 1:
+            return VersionPolicy("latest", arg)
+        if key == "all" and arg is True:
+            return VersionPolicy("all")
+        if key == "specific" and isinstance(arg, list) and arg and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in arg
+        ):
+            return VersionPolicy("specific", versions=tuple(arg))
+    raise ConfigError(
+        f"{path}: version_policy must be \"all\", {{ latest = N }} or {{ specific = [1, 2] }}, not {value!r}"
+    )
+
+
+def parse_model_config(path: Path) -> ModelConfigFile:
+    """Read a model's config.toml; a ConfigError naming the file says what is wrong."""
+    data = read_toml(path)
+    unknown = set(data) - _CONFIG_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {sorted(unknown)[0]!r}; known keys: {', '.join(sorted(_CONFIG_KEYS))}")
+    kwargs: dict[str, Any] = {}
+    if "providers" in data:
+        providers = data["providers"]
+        if not isinstance(providers, list) or not all(isinstance(p, str) for p in providers) or not providers:
+            raise ConfigError(f"{path}: providers must be a list of names such as [\"CUDAExecutionProvider\"]")
+        kwargs["providers"] = tuple(providers)
+    for key in ("intra_op_threads", "inter_op_threads"):
+        if key in data:
+            if not isinstance(data[key], int) or isinstance(data[key], bool) or data[key] < 0:
+                raise ConfigError(f"{path}: {key} must be a non-negative integer")
+            kwargs[key] = data[key]
+    for key in ("warmup", "require_gpu"):
+        if key in data:
+            if not isinstance(data[key], bool):
+                raise ConfigError(f"{path}: {key} must be true or false")
+            kwargs[key] = data[key]
+    if "version_policy" in data:
+        kwargs["version_policy"] = _policy(data["version_policy"], path)
+    return ModelConfigFile(**kwargs)
+
+
+class Repository:
+    """Read-only view of <root>: which models and versions are on disk."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def model_names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and NAME_PATTERN.match(p.name))
+
+    def versions(self, name: str) -> list[int]:
+        """Positive integer versions of `name` that hold a model.onnx."""
+        model_dir = self.root / name
+        if not model_dir.is_dir():
+            return []
+        found = []
+        for entry in model_dir.iterdir():
+            if entry.name.isdigit() and int(entry.name) > 0 and (entry / MODEL_FILE).is_file():
+                found.append(int(entry.name))
+        return sorted(found)
+
+    def latest_version(self, name: str) -> int | None:
+        versions = self.versions(name)
+        return versions[-1] if versions else None
+
+    def model_path(self, name: str, version: int) -> Path:
+        return self.root / name / str(version) / MODEL_FILE
+
+    def config(self, name: str) -> ModelConfigFile:
+        path = self.root / name / CONFIG_FILE
+        return parse_model_config(path) if path.is_file() else ModelConfigFile()
+
+    def fingerprint(self, name: str, version: int) -> tuple[int, int]:
+        """Changes when the file is replaced, so polling reloads a rewritten version."""
+        stat = self.model_path(name, version).stat()
+        return stat.st_mtime_ns, stat.st_size
+
+    def import_model(self, source: Path, name: str, version: int | None = None) -> Path:
+        """Copy a validated ONNX file in as `version` (default: one past the highest) and return its path."""
+        if not NAME_PATTERN.match(name):
+            raise InvalidArgument(
+                f"model name {name!r} is not allowed; use letters, digits, '_', '-' or '.', at most 128 characters"
+            )
+        if version is None:
+            version = (self.latest_version(name) or 0) + 1
+        if version < 1:
+            raise InvalidArgument(f"version {version} is not allowed; versions are positive integers")
+        target = self.model_path(name, version)
+        if target.exists():
+            raise InvalidArgument(f"model {name} version {version} already exists; choose another --version")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".onnx.partial")
+        shutil.copyfile(source, partial)
+        partial.replace(target)  # atomic: a polling server never sees a half-written file
+        return target
+
+
+@dataclass
+class ModelState:
+    """What RepositoryIndex reports for one model version."""
+
+    name: str
+    version: int
+    state: str  # READY | UNAVAILABLE | UNLOADED
+    reason: str = ""
+
+
+@dataclass
+class _Entry:
+    versions: dict[int, Any] = field(default_factory=dict)  # version -> ModelRuntime
+    fingerprints: dict[int, tuple[int, int]] = field(default_factory=dict)
+    failures: dict[int, str] = field(default_factory=dict)
+    error: str = ""  # a model-level problem, e.g. a broken config.toml
+
+
+class ModelStore:
+    """The loaded models. Reads are lock-free snapshots; loads and unloads serialise on one lock."""
+
+    def __init__(
+        self,
+        repository: Repository,
+        settings: Settings,
+        loader: Callable[..., Any] | None = None,
+    ) -> None:
+        self.repository = repository
+        self.settings = settings
+        self._entries: dict[str, _Entry] = {}
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+        self._loader = loader or _default_loader
+        self.generation = 0  # bumps on every change, for status lines
+
+    # -- reading -----------------------------------------------------------------------------------
+    def get(self, name: str, version: str = "") -> Any:
+        """The ModelRuntime for `name` at `version` ("" = highest loaded); NOT_FOUND says what exists."""
+        entry = self._entries.get(name)
+        if entry is None or not entry.versions:
+            reason = ""
+            if entry is not None:
+                reason = entry.error or next(iter(entry.failures.values()), "")
+            if reason:
+                raise Unavailable(f"model {name!r} is not available: {reason}")
+            raise NotFound(f"model {name!r} is not loaded; call RepositoryIndex to see the models this server has")
+        versions = entry.versions
+        if not version:
+            return versions[max(versions)]
+        if not version.isdigit():
+            raise InvalidArgument(f"model version {version!r} is not a positive integer")
+        model = versions.get(int(version))
+        if model is None:
+            loaded = ", ".join(str(v) for v in sorted(versions))
+            raise NotFound(f"model {name!r} has no loaded version {version}; loaded versions: {loaded}")
+        return model
+
+    def loaded(self) -> list[Any]:
+        """Every loaded ModelRuntime, by name then version."""
+        return [entry.versions[v] for _, entry in sorted(self._entries.items()) for v in sorted(entry.versions)]
+
+    def index(self) -> list[ModelState]:
+        """Every model on disk or loaded, with its state and, when unavailable, why."""
+        states: list[ModelState] = []
+        names = set(self.repository.model_names()) | set(self._entries)
+        for name in sorted(names):
+            entry = self._entries.get(name)
+            on_disk = self.repository.versions(name)
+            if entry is None:
+                states.append(ModelState(name, on_disk[-1] if on_disk else 0, "UNLOADED"))
+                continue
+            if entry.error:
+                states.append(ModelState(name, on_disk[-1] if on_disk else 0, "UNAVAILABLE", entry.error))
+            for version in sorted(set(entry.versions) | set(entry.failures)):
+                if version in entry.versions:
+                    states.append(ModelState(name, version, "READY"))
+                else:
+                    states.append(ModelState(name, version, "UNAVAILABLE", entry.failures[version]))
+            if not entry.versions and not entry.failures and not entry.error:
+                states.append(ModelState(name, 0, "UNAVAILABLE", "no version directory holds a model.onnx"))
+        return states
+
+    # -- changing ----------------------------------------------------------------------------------
+    def load_all(self) -> None:
+        """Load every model (or those in settings.models); a broken one is reported, not fatal."""
+        wanted = self.settings.models or self.repository.model_names()
+        for name in wanted:
+            try:
+                self.load(name)
+            except EdgecowError as err:
+                log.error("%s", err)
+
+    def load(self, name: str) -> None:
+        """(Re)load `name` from disk per its version policy; raises when nothing could be loaded."""
+        if not NAME_PATTERN.match(name) or not (self.repository.root / name).is_dir():
+            raise NotFound(f"model {name!r} is not in the repository")
+        with self._lock:
+            self._sync(name)
+            entry = self._entries[name]
+            if not entry.versions:
+                reason = entry.error or next(iter(entry.failures.values()), "no version directory holds a model.onnx")
+                raise Unavailable(f"model {name!r} could not be loaded: {reason}")
+
+    def unload(self, name: str) -> None:
+        with self._lock:
+            if self._entries.pop(name, None) is None:
+                raise NotFound(f"model {name!r} is not loaded")
+            self.generation += 1
+            log.info("unloaded model %s", name)
+
+    def reload_all(self) -> None:
+        """Bring every loaded model (and new ones when all are served) in line with the disk."""
+        with self._lock:
+            names = set(self._entries)
+            if not self.settings.models:
+                names |= set(self.repository.model_names())
+            for name in sorted(names):
+                if not (self.repository.root / name).is_dir():
+                    self._entries.pop(name, None)
+                    self.generation += 1
+                    log.info("model %s left the repository; unloaded", name)
+                    continue
+                self._sync(name)
+
+    def _sync(self, name: str) -> None:
+        """Load versions the policy wants and that are new or changed; drop the others."""
+        old = self._entries.get(name) or _Entry()
+        new = _Entry()
+        try:
+            config = self.repository.config(name)
+        except ConfigError as err:
+            new.error = str(err)
+            new.versions = dict(old.versions)  # keep serving what was loaded
+            new.fingerprints = dict(old.fingerprints)
+            self._publish(name, new, old)
+            log.error("%s", err)
+            return
+        for version in config.version_policy.select(self.repository.versions(name)):
+            try:
+                fingerprint = self.repository.fingerprint(name, version)
+            except OSError:
+                continue
+            if old.fingerprints.get(version) == fingerprint and version in old.versions:
+                new.versions[version] = old.versions[version]
+                new.fingerprints[version] = fingerprint
+                continue
+            if old.fingerprints.get(version) == fingerprint and version in old.failures:
+                new.failures[version] = old.failures[version]
+                new.fingerprints[version] = fingerprint
+                continue
+            try:
+                new.versions[version] = self._loader(
+                    name, version, self.repository.model_path(name, version), config, self.settings
+                )
+                log.info("loaded model %s version %d on %s", name, version,
+                         ", ".join(new.versions[version].providers))
+            except EdgecowError as err:
+                new.failures[version] = err.message
+                log.error("%s", err)
+            new.fingerprints[version] = fingerprint
+        self._publish(name, new, old)
+
+    def _publish(self, name: str, new: _Entry, old: _Entry) -> None:
+        changed = (
+            set(new.versions) != set(old.versions)
+            or any(new.versions[v] is not old.versions.get(v) for v in new.versions)
+            or new.error != old.error
+            or new.failures != old.failures
+        )
+        self._entries[name] = new  # one reference swap: readers see the old or the new entry whole
+        if changed:
+            self.generation += 1
+
+    # -- polling -----------------------------------------------------------------------------------
+    def start_polling(self, interval: float) -> None:
+        if interval <= 0 or self._poller is not None:
+            return
+        self._poller = threading.Thread(target=self._poll, args=(interval,), name="edgecow-poll", daemon=True)
+        self._poller.start()
+
+    def _poll(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                self.reload_all()
+            except Exception:  # keep polling whatever one scan hit
+                log.exception("repository poll failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _default_loader(name: str, version: int, path: Path, config: ModelConfigFile, settings: Settings) -> Any:
+    from .runtime import ModelOptions, ModelRuntime
+
+    options = ModelOptions(
+        providers=config.providers or tuple(settings.providers),
+        intra_op_threads=config.intra_op_threads if config.intra_op_threads is not None else settings.intra_op_threads,
+        inter_op_threads=config.inter_op_threads or 0,
+        require_gpu=settings.require_gpu if config.require_gpu is None else config.require_gpu,
+        warmup=config.warmup,
+    )
+    return ModelRuntime.load(name, version, path, options)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
+    """Poll `predicate` until true or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True

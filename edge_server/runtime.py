@@ -1,0 +1,266 @@
+"""One loaded model version: an onnxruntime session, its tensor metadata, and runs with bound buffers.
+
+    model = ModelRuntime.load("scale", 1, Path("models/scale/1/model.onnx"), ModelOptions())
+    outputs = model.run({"x": np.ones(4, np.float32)}, ["y"])           # {"y": array([...])}
+
+Inputs are handed to onnxruntime as OrtValues over the caller's memory (a shared-memory view stays a
+view), and an output given a buffer is written by onnxruntime straight into it when its shape is known
+before the run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from shm_client import datatypes
+from shm_client.datatypes import DataType
+from shm_client.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
+
+log = logging.getLogger(__name__)
+
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+PROBE_MODEL = Path(__file__).parent / "examples" / "probe.onnx"
+# onnxruntime logs at WARNING by default, which includes harmless notes about node placement.
+ort.set_default_logger_severity(3)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model input or output as the v2 protocol describes it (-1 for a variable dimension)."""
+
+    name: str
+    datatype: DataType
+    shape: tuple[int, ...]
+
+    @property
+    def static(self) -> bool:
+        return all(dim >= 0 for dim in self.shape)
+
+    def byte_size(self) -> int | None:
+        """Bytes of a tensor of this spec, when that is known before a run."""
+        if not self.static or self.datatype.variable_size:
+            return None
+        return datatypes.byte_size(self.datatype, self.shape)
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How to build a session; comes from the model's config.toml over the server's settings."""
+
+    providers: tuple[str, ...] = ("auto",)
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    require_gpu: bool = False
+    warmup: bool = False
+
+
+@functools.cache
+def gpu_usable() -> bool:
+    """True when a CUDA session really starts here (a driver, the CUDA libraries, a device).
+
+    onnxruntime-gpu lists the CUDA provider even on a box without a GPU and then logs errors when a
+    session asks for it, so the driver library is looked for first and a tiny session tried quietly.
+    """
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    try:
+        session = ort.InferenceSession(str(PROBE_MODEL), options, providers=["CUDAExecutionProvider"])
+    except Exception:  # any failure to start CUDA means "not usable"; the reason is logged by the caller
+        return False
+    return "CUDAExecutionProvider" in session.get_providers()
+
+
+def resolve_providers(requested: Sequence[str], require_gpu: bool) -> list[str]:
+    """The provider list to ask onnxruntime for: 'auto' means CUDA when usable, then CPU."""
+    available = ort.get_available_providers()
+    wanted: list[str] = []
+    for name in requested:
+        if name == "auto":
+            wanted.extend(["CUDAExecutionProvider"] if gpu_usable() else [])
+            wanted.append("CPUExecutionProvider")
+        elif name not in available:
+            raise FailedPrecondition(
+                f"execution provider {name} is not available; this onnxruntime offers {', '.join(available)}"
+            )
+        elif name in GPU_PROVIDERS and not gpu_usable():
+            log.warning("execution provider %s cannot start on this machine (no usable GPU); skipping it", name)
+        else:
+            wanted.append(name)
+    if require_gpu and not any(p in GPU_PROVIDERS for p in wanted):
+        raise FailedPrecondition("require_gpu is set but no GPU execution provider can start on this machine")
+    if "CPUExecutionProvider" not in wanted:
+        wanted.append("CPUExecutionProvider")
+    return list(dict.fromkeys(wanted))
+
+
+def _specs(nodes: Sequence[ort.NodeArg]) -> tuple[TensorSpec, ...]:
+    specs = []
+    for node in nodes:
+        shape = tuple(dim if isinstance(dim, int) and dim >= 0 else -1 for dim in (node.shape or []))
+        specs.append(TensorSpec(node.name, datatypes.from_onnx(node.type), shape))
+    return tuple(specs)
+
+
+@dataclass
+class ModelRuntime:
+    """A loaded model version. Thread-safe: onnxruntime sessions take concurrent runs."""
+
+    name: str
+    version: int
+    path: Path
+    session: ort.InferenceSession
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    providers: tuple[str, ...]
+    _by_name: dict[str, TensorSpec] = field(default_factory=dict, repr=False)
+    _uses_strings: bool = False
+
+    @classmethod
+    def load(cls, name: str, version: int, path: Path, options: ModelOptions) -> ModelRuntime:
+        """Build the session; raises with a one-line reason when the file is not a usable ONNX model."""
+        session_options = ort.SessionOptions()
+        session_options.log_severity_level = 3
+        if options.intra_op_threads:
+            session_options.intra_op_num_threads = options.intra_op_threads
+        if options.inter_op_threads:
+            session_options.inter_op_num_threads = options.inter_op_threads
+        providers = resolve_providers(options.providers, options.require_gpu)
+        try:
+            session = ort.InferenceSession(str(path), session_options, providers=providers)
+        except Exception as err:  # onnxruntime raises several private exception types for bad files
+            reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            raise Unavailable(f"model {name} version {version} cannot be loaded: {reason}") from None
+        used = tuple(session.get_providers())
+        if options.require_gpu and not any(p in GPU_PROVIDERS for p in used):
+            raise FailedPrecondition(f"model {name} version {version} did not start on a GPU and require_gpu is set")
+        model = cls(name, version, path, session, _specs(session.get_inputs()), _specs(session.get_outputs()), used)
+        model._by_name = {spec.name: spec for spec in (*model.inputs, *model.outputs)}
+        model._uses_strings = any(spec.datatype.variable_size for spec in (*model.inputs, *model.outputs))
+        if options.warmup:
+            model.warm_up()
+        return model
+
+    def spec(self, name: str) -> TensorSpec | None:
+        return self._by_name.get(name)
+
+    def warm_up(self) -> None:
+        """One run on zeros (variable dimensions as 1), so the first real call is not the slow one."""
+        feeds = {}
+        for spec in self.inputs:
+            shape = tuple(1 if dim < 0 else dim for dim in spec.shape)
+            if spec.datatype.variable_size:
+                feeds[spec.name] = np.full(shape, "", dtype=object)
+            else:
+                feeds[spec.name] = np.zeros(shape, dtype=datatypes.numpy_dtype(spec.datatype))
+        try:
+            self.session.run(None, feeds)
+        except Exception as err:  # a model may reject zeros; warm-up is only an optimisation
+            log.info("warm-up of %s version %d skipped: %s", self.name, self.version, err)
+
+    def bind(
+        self,
+        feeds: Mapping[str, np.ndarray],
+        output_names: Sequence[str],
+        out_buffers: Mapping[str, np.ndarray],
+    ) -> tuple[ort.IOBinding, list[ort.OrtValue]]:
+        """An IOBinding whose inputs are OrtValues over `feeds` and whose outputs named in
+        `out_buffers` are the buffers' own memory (no copy on either side).
+
+        Returns the binding and the input OrtValues, which must outlive the run.
+        """
+        binding = self.session.io_binding()
+        keep = []
+        for name, array in feeds.items():
+            value = ort.OrtValue.ortvalue_from_numpy(array)
+            binding.bind_ortvalue_input(name, value)
+            keep.append(value)
+        for name in output_names:
+            buffer = out_buffers.get(name)
+            if buffer is None:
+                binding.bind_output(name, "cpu")
+            else:
+                binding.bind_output(name, "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data)
+        return binding, keep
+
+    def run(
+        self,
+        feeds: Mapping[str, np.ndarray],
+        output_names: Sequence[str],
+        out_buffers: Mapping[str, np.ndarray] | None = None,
+        run_options: ort.RunOptions | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Run the model. Outputs in `out_buffers` (static shapes only) are written in place and
+        returned as those same arrays; the others are onnxruntime's own arrays (no copy)."""
+        out_buffers = out_buffers or {}
+        try:
+            if self._uses_strings:
+                values = self.session.run(list(output_names), _strings_to_text(feeds), run_options)
+                results = {name: _text_to_bytes(v) for name, v in zip(output_names, values)}
+                for name, buffer in out_buffers.items():
+                    results[name] = _copy_into(buffer, results[name], name)
+                return results
+            binding, _keep = self.bind(feeds, output_names, out_buffers)
+            self.session.run_with_iobinding(binding, run_options)
+            values = binding.get_outputs()
+            return {
+                name: out_buffers[name] if name in out_buffers else value.numpy()
+                for name, value in zip(output_names, values)
+            }
+        except ort.capi.onnxruntime_pybind11_state.Fail as err:
+            message = str(err)
+            if "terminate flag" in message:
+                raise DeadlineExceeded(f"model {self.name} was stopped because the call ran past its deadline") from None
+            raise InvalidArgument(f"model {self.name} rejected the inputs: {_short(message)}") from None
+        except (ort.capi.onnxruntime_pybind11_state.InvalidArgument, RuntimeError) as err:
+            raise InvalidArgument(f"model {self.name} rejected the inputs: {_short(str(err))}") from None
+
+
+def _short(message: str) -> str:
+    message = message.strip().splitlines()[-1] if message.strip() else message
+    return message.split(" : ", 2)[-1] if "ONNXRuntimeError" in message else message
+
+
+def _strings_to_text(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """onnxruntime string tensors take str; v2 BYTES arrive as bytes, which must be UTF-8 text."""
+    converted = {}
+    for name, array in feeds.items():
+        if array.dtype != object:
+            converted[name] = array
+            continue
+        flat = array.reshape(-1)
+        text = np.empty(flat.shape, dtype=object)
+        for i, item in enumerate(flat):
+            try:
+                text[i] = item.decode("utf-8") if isinstance(item, bytes) else str(item)
+            except UnicodeDecodeError:
+                raise InvalidArgument(
+                    f"input {name!r} element {i} is not valid UTF-8; ONNX string tensors hold text"
+                ) from None
+        converted[name] = text.reshape(array.shape)
+    return converted
+
+
+def _text_to_bytes(array: np.ndarray) -> np.ndarray:
+    return datatypes.to_bytes_array(array) if array.dtype == object else array
+
+
+def _copy_into(buffer: np.ndarray, value: np.ndarray, name: str) -> np.ndarray:
+    if buffer.shape != value.shape or buffer.dtype != value.dtype:
+        raise InvalidArgument(f"output {name!r} does not fit the shared-memory slot given for it")
+    buffer[...] = value
+    return buffer
+

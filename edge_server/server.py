@@ -1,0 +1,265 @@
+"""Builds and runs the daemon: gRPC on a unix socket and TCP, health, reflection, signals, drain.
+
+    settings = load_settings(overrides={"model_repository": "models"})
+    sys.exit(serve(settings))          # returns when SIGTERM/SIGINT has drained the server
+
+Start order: load models, bind both listeners, start, then READY=1. Stop: STOPPING=1, refuse new calls,
+let calls in flight finish within the grace period, unmap and unlink what the server owns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import resource
+import signal
+import socket
+import stat
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from shm_client._proto import POOL
+from shm_client.errors import EdgecowError, FailedPrecondition
+
+from .config import Settings, load_settings
+from .dataplane import DataPlane
+from .grpc_service import ServerState, add_services
+from .repository import ModelStore, Repository
+from .runtime import gpu_usable
+from .shm import Beacon, RegionRegistry
+from .systemd import Notifier, Watchdog
+
+log = logging.getLogger("edgecow")
+
+SERVICE_NAMES = ("inference.GRPCInferenceService", "edgecow.v1.EdgecowService")
+
+
+def configure_logging(level: str) -> None:
+    # journald stamps each line itself; a terminal gets the time.
+    fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else (
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.basicConfig(level=level.upper(), format=fmt, force=True)
+
+
+def _raise_fd_limit() -> None:
+    # Each registered region keeps a descriptor open for its per-call size check.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _prepare_socket(path: Path) -> None:
+    """Make the directory; remove a stale socket file, refuse if a live server holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+    if not path.exists() and not path.is_symlink():
+        return
+    if not stat.S_ISSOCK(path.lstat().st_mode):
+        raise FailedPrecondition(f"{path} exists and is not a socket; choose another --socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()  # nothing listens: left by a server that died
+        return
+    finally:
+        probe.close()
+    raise FailedPrecondition(f"another server is already listening on {path}; stop it or choose another --socket")
+
+
+class EdgecowServer:
+    """One running daemon; `start()` binds and loads, `stop()` drains and cleans up."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.notifier = Notifier.from_env()
+        self.store = ModelStore(Repository(settings.model_repository), settings)
+        self.registry = RegionRegistry(settings.shm_max_regions, settings.shm_max_mapped_bytes)
+        self.plane = DataPlane(self.store, self.registry, settings)
+        self.state = ServerState(settings, self.store, self.registry, self.plane)
+        self.health = health.HealthServicer()
+        self.grpc: grpc.Server | None = None
+        self.socket_path: Path | None = None
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._watchdog: Watchdog | None = None
+        self._housekeeper: threading.Thread | None = None
+
+    # -- start -----------------------------------------------------------------------------------------
+    def start(self) -> None:
+        settings = self.settings
+        _raise_fd_limit()
+        if settings.require_gpu and not gpu_usable():
+            raise FailedPrecondition("require_gpu is set but no GPU execution provider can start on this machine")
+        if not settings.model_repository.is_dir():
+            raise FailedPrecondition(f"model repository {settings.model_repository} is not a directory")
+        self.store.load_all()
+        if settings.shm_enabled:
+            self.state.beacon = Beacon()
+        limit = settings.max_request_bytes
+        options = [
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", -1),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.workers), options=options)
+        add_services(server, self.state)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        self._enable_reflection(server)
+        self._bind(server)
+        server.start()
+        self.grpc = server
+        self.state.ready = True
+        for name in ("", *SERVICE_NAMES):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.store.start_polling(settings.poll_interval)
+        self._housekeeper = threading.Thread(target=self._housekeeping, name="edgecow-housekeeping", daemon=True)
+        self._housekeeper.start()
+        summary = self.summary()
+        log.info("ready: %s", summary)
+        self.notifier.ready(summary)
+        self._watchdog = Watchdog(self.notifier, self.answers)
+        self._watchdog.start()
+
+    def _enable_reflection(self, server: grpc.Server) -> None:
+        # Our descriptors live in edgecow's private pool (see scripts/gen_proto.py); reflection reads
+        # that pool, so the health and reflection files are added to it too.
+        for module in (health_pb2, reflection_pb2):
+            with contextlib.suppress(TypeError):
+                POOL.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
+        names = (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server, pool=POOL)
+
+    def _bind(self, server: grpc.Server) -> None:
+        settings = self.settings
+        path = settings.socket_path()
+        if path is not None:
+            _prepare_socket(path)
+            server.add_insecure_port(f"unix:{path}")
+            self.socket_path = path
+            os.chmod(path, 0o660)
+            self.state.listeners.append(f"unix:{path}")
+        if settings.listen.strip().lower() not in ("", "none", "off"):
+            host, _, port = settings.listen.rpartition(":")
+            if not host or not port.isdigit():
+                raise FailedPrecondition(f"--listen {settings.listen!r} is not HOST:PORT")
+            if settings.tls_cert and settings.tls_key:
+                credentials = grpc.ssl_server_credentials(
+                    [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())]
+                )
+                bound = server.add_secure_port(settings.listen, credentials)
+            else:
+                bound = server.add_insecure_port(settings.listen)
+            if not bound:
+                raise FailedPrecondition(f"cannot listen on {settings.listen}; is the port in use?")
+            self.state.listeners.append(f"{host}:{bound}")
+        if not self.state.listeners:
+            raise FailedPrecondition("neither a unix socket nor a TCP address to listen on; set --socket or --listen")
+        for listener in self.state.listeners:
+            log.info("listening on %s", listener)
+
+    # -- running ---------------------------------------------------------------------------------------
+    def summary(self) -> str:
+        models = self.store.loaded()
+        names = ", ".join(f"{m.name}:{m.version}" for m in models) or "no models"
+        return (
+            f"{len(models)} model version(s) [{names}], {len(self.registry)} shm region(s), "
+            f"{self.plane.in_flight} call(s) in flight"
+        )
+
+    def answers(self) -> bool:
+        """True when the server answers ServerLive over its own listener within a second."""
+        if self.grpc is None or not self.state.listeners:
+            return False
+        target = self.state.listeners[0]
+        if not target.startswith("unix:"):
+            target = target.replace("0.0.0.0:", "127.0.0.1:").replace("[::]:", "[::1]:")
+        from shm_client._proto import inference_pb2, inference_pb2_grpc
+
+        try:
+            with grpc.insecure_channel(target) as channel:
+                stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+                return stub.ServerLive(inference_pb2.ServerLiveRequest(), timeout=1.0).live
+        except grpc.RpcError:
+            return False
+
+    def _housekeeping(self) -> None:
+        last = ""
+        while not self._stop.wait(self.settings.shm_reap_interval):
+            try:
+                self.registry.reap()
+                summary = self.summary()
+                if summary != last:
+                    self.notifier.status(summary)
+                    last = summary
+            except Exception:  # housekeeping must never stop
+                log.exception("housekeeping failed")
+
+    def reload(self, config_file: Path | None) -> None:
+        """SIGHUP: re-read the log level from the configuration and the repository from disk."""
+        self.notifier.reloading()
+        try:
+            if config_file is not None:
+                fresh = load_settings(config_file)
+                configure_logging(fresh.log_level)
+            self.store.reload_all()
+            log.info("reloaded: %s", self.summary())
+        except EdgecowError as err:
+            log.error("reload failed: %s", err)
+        self.notifier.ready(self.summary())
+
+    def run(self, config_file: Path | None = None) -> None:
+        """Serve until SIGTERM or SIGINT; SIGHUP reloads."""
+        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+        signal.signal(signal.SIGINT, lambda *_: self._stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
+        while not self._stop.is_set():
+            if self._reload.wait(0.2):
+                self._reload.clear()
+                self.reload(config_file)
+        self.stop()
+
+    # -- stop ------------------------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+        self.notifier.stopping()
+        log.info("stopping: letting %d call(s) in flight finish (up to %.0fs)",
+                 self.plane.in_flight, self.settings.grace_period)
+        for name in ("", *SERVICE_NAMES):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.state.ready = False
+        if not self.plane.drain(self.settings.grace_period):
+            log.warning("grace period over with %d call(s) still running", self.plane.in_flight)
+        if self._watchdog is not None:
+            self._watchdog.stop()
+        self.store.stop()
+        if self.grpc is not None:
+            self.grpc.stop(grace=1.0).wait()
+        self.registry.close()
+        if self.state.beacon is not None:
+            self.state.beacon.close()
+        if self.socket_path is not None:
+            with contextlib.suppress(OSError):
+                self.socket_path.unlink()
+        log.info("stopped")
+
+
+def serve(settings: Settings, config_file: Path | None = None) -> int:
+    """Run a server with `settings` until it is told to stop; returns the exit code."""
+    configure_logging(settings.log_level)
+    server = EdgecowServer(settings)
+    try:
+        server.start()
+    except EdgecowError as err:
+        log.error("cannot start: %s", err)
+        server.stop()
+        return 1
+    server.run(config_file)
+    return 0

@@ -1,0 +1,290 @@
+"""POSIX shared-memory segments: create or open, map, view as ndarray, close and unlink; and a pool.
+
+    seg = Segment.create("edgecow-cli-123-ab-0", 1 << 20)   # /dev/shm/edgecow-cli-123-ab-0, mode 0660
+    seg.array(np.float32, (256, 256))[:] = x; seg.close(); seg.unlink()
+
+Segments are reserved with posix_fallocate, so a full /dev/shm fails here with ResourceExhausted instead
+of killing a later writer with SIGBUS.
+"""
+
+from __future__ import annotations
+
+import errno
+import grp
+import mmap
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import posix_ipc
+
+from .errors import NotFound, PermissionDenied, ResourceExhausted
+
+SHM_DIR = Path("/dev/shm")
+PAGE = mmap.PAGESIZE
+CLIENT_PREFIX = "edgecow-cli-"
+SERVER_PREFIX = "edgecow-srv-"
+_OWNED = re.compile(r"^edgecow-(cli|srv)-(\d+)-")
+
+
+def owner_pid(key: str) -> int | None:
+    """The pid encoded in an edgecow segment name, None for any other name."""
+    match = _OWNED.match(key.lstrip("/"))
+    return int(match.group(2)) if match else None
+
+
+def _group_id(group: str | None) -> int | None:
+    if not group:
+        return None
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        return None
+    return gid if gid in os.getgroups() or gid == os.getgid() else None
+
+
+class Segment:
+    """A POSIX shared-memory object mapped read-write in this process."""
+
+    def __init__(self, key: str, fd: int, size: int, created: bool) -> None:
+        self.key = key.lstrip("/")
+        self.size = size
+        self.created = created
+        self._fd = fd
+        self._map: mmap.mmap | None = mmap.mmap(fd, size) if size else None
+        self._closed = False
+
+    @classmethod
+    def create(cls, key: str, size: int, mode: int = 0o660, group: str | None = "edgecow") -> Segment:
+        """A new segment of `size` bytes (reserved now), mode set explicitly so the umask cannot cut it.
+
+        When `group` exists and this process belongs to it, the segment is handed to that group, so a
+        server running as another user in the group can map it.
+        """
+        key = key.lstrip("/")
+        try:
+            shm = posix_ipc.SharedMemory("/" + key, posix_ipc.O_CREX, mode=mode)
+        except posix_ipc.ExistentialError:
+            raise FileExistsError(f"shared-memory segment {key!r} already exists") from None
+        fd = shm.fd
+        try:
+            os.fchmod(fd, mode)
+            gid = _group_id(group)
+            if gid is not None:
+                os.fchown(fd, -1, gid)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as err:
+                if err.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
+                    raise ResourceExhausted(
+                        f"no room in {SHM_DIR} for a {size}-byte segment; free shared memory or enlarge the tmpfs"
+                    ) from None
+                if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                os.ftruncate(fd, size)
+            return cls(key, fd, size, created=True)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(key)
+            raise
+
+    @classmethod
+    def open(cls, key: str) -> Segment:
+        """Map an existing segment whole, read-write."""
+        key = key.lstrip("/")
+        try:
+            shm = posix_ipc.SharedMemory("/" + key, 0)
+        except posix_ipc.ExistentialError:
+            raise NotFound(f"shared-memory object {key!r} does not exist") from None
+        except posix_ipc.PermissionsError:
+            raise PermissionDenied(f"no permission to open shared-memory object {key!r}") from None
+        size = os.fstat(shm.fd).st_size
+        try:
+            return cls(key, shm.fd, size, created=False)
+        except BaseException:
+            os.close(shm.fd)
+            raise
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    @property
+    def buffer(self) -> mmap.mmap:
+        if self._map is None:
+            raise ValueError(f"segment {self.key!r} is empty or closed")
+        return self._map
+
+    def address(self) -> int:
+        """The address of the mapping's first byte in this process."""
+        return np.frombuffer(self.buffer, dtype=np.uint8, count=1).ctypes.data
+
+    def array(self, dtype: np.dtype | type, shape: tuple[int, ...], offset: int = 0) -> np.ndarray:
+        """A numpy view (no copy) of `shape` elements of `dtype` starting `offset` bytes in."""
+        dtype = np.dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        return np.frombuffer(self.buffer, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+    def bytes_view(self, offset: int, size: int) -> memoryview:
+        return memoryview(self.buffer)[offset : offset + size]
+
+    def write(self, data: bytes | memoryview | np.ndarray, offset: int = 0) -> int:
+        """Copy `data` in at `offset`; returns the number of bytes written."""
+        if isinstance(data, np.ndarray):
+            flat = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+            np.frombuffer(self.buffer, dtype=np.uint8, count=flat.size, offset=offset)[:] = flat
+            return flat.size
+        view = memoryview(data).cast("B")
+        self.buffer[offset : offset + view.nbytes] = view
+        return view.nbytes
+
+    def close(self) -> None:
+        """Unmap and close; a view still alive keeps the mapping until it is dropped."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:
+                pass  # numpy views still point into it; the mapping goes when they do
+            self._map = None
+        os.close(self._fd)
+
+    def unlink(self) -> None:
+        _unlink_quietly(self.key)
+
+
+def _unlink_quietly(key: str) -> None:
+    try:
+        posix_ipc.unlink_shared_memory("/" + key)
+    except (posix_ipc.ExistentialError, posix_ipc.PermissionsError):
+        pass
+
+
+def unique_key(prefix: str = CLIENT_PREFIX) -> str:
+    """A fresh segment name carrying this process's pid, so a reaper can tell when its owner died."""
+    return f"{prefix}{os.getpid()}-{secrets.token_hex(6)}"
+
+
+def round_up(size: int, quantum: int = PAGE) -> int:
+    return max(quantum, -(-size // quantum) * quantum)
+
+
+class SegmentPool:
+    """Segments reused across calls, so a steady stream of calls makes no shm_open/ftruncate/mmap.
+
+    `acquire(n)` hands out the smallest free segment of at least n bytes, or creates one (sizes are
+    rounded up to a power of two so a few sizes serve many requests). Thread-safe.
+    """
+
+    def __init__(self, prefix: str = CLIENT_PREFIX, max_idle_bytes: int = 1 << 30) -> None:
+        self._base = unique_key(prefix)
+        self._counter = 0
+        self._free: list[Segment] = []
+        self._all: dict[str, Segment] = {}
+        self._evicted: list[Segment] = []
+        self._lock = threading.Lock()
+        self._max_idle_bytes = max_idle_bytes
+
+    def acquire(self, nbytes: int) -> Segment:
+        with self._lock:
+            fits = [seg for seg in self._free if seg.size >= nbytes]
+            if fits:
+                best = min(fits, key=lambda seg: seg.size)
+                self._free.remove(best)
+                return best
+            self._counter += 1
+            key = f"{self._base}-{self._counter}"
+        size = 1 << max(12, (max(nbytes, 1) - 1).bit_length())
+        segment = Segment.create(key, size)
+        with self._lock:
+            self._all[segment.key] = segment
+        return segment
+
+    def release(self, segment: Segment) -> None:
+        with self._lock:
+            if segment.key not in self._all:
+                return
+            self._free.append(segment)
+            idle = sum(seg.size for seg in self._free)
+            while idle > self._max_idle_bytes and len(self._free) > 1:
+                victim = max(self._free, key=lambda seg: seg.size)
+                self._free.remove(victim)
+                del self._all[victim.key]
+                idle -= victim.size
+                self._evicted.append(victim)
+
+    def take_evicted(self) -> list[Segment]:
+        """Segments dropped from the pool since the last call; the caller unregisters, closes, unlinks."""
+        with self._lock:
+            evicted, self._evicted = self._evicted, []
+        return evicted
+
+    def segments(self) -> list[Segment]:
+        with self._lock:
+            return list(self._all.values())
+
+    def close(self) -> None:
+        """Unmap and unlink every segment the pool made."""
+        with self._lock:
+            segments = list(self._all.values()) + self._evicted
+            self._all.clear()
+            self._free.clear()
+            self._evicted = []
+        for segment in segments:
+            segment.close()
+            segment.unlink()
+
+
+def sweep_dead(prefix: str, alive: Callable[[int, float], bool]) -> list[str]:
+    """Unlink /dev/shm entries named `prefix<pid>-...` whose owner `alive(pid, ctime)` says is gone."""
+    removed = []
+    try:
+        entries = list(os.scandir(SHM_DIR))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(prefix):
+            continue
+        pid = owner_pid(entry.name)
+        if pid is None:
+            continue
+        try:
+            ctime = entry.stat().st_ctime
+        except OSError:
+            continue
+        if not alive(pid, ctime):
+            try:
+                os.unlink(entry.path)
+                removed.append(entry.name)
+            except OSError:
+                pass
+    return removed
+
+
+def process_alive(pid: int, created_before: float) -> bool:
+    """True when `pid` runs and started before `created_before` (so it is not a reused pid)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        start_ticks = int(fields[19])
+        with open("/proc/uptime", "rb") as fh:
+            uptime = float(fh.read().split()[0])
+        started = time.time() - uptime + start_ticks / os.sysconf("SC_CLK_TCK")
+        return started <= created_before + 1.0
+    except (OSError, IndexError, ValueError):
+        return True
