@@ -251,7 +251,8 @@ def _models_import(args: argparse.Namespace) -> int:
     root = args.model_repository or load_settings(args.config).model_repository
     if not args.file.is_file():
         raise EdgecowError(f"{args.file} does not exist")
-    model = ModelRuntime.load(args.name, args.version or 0, args.file, ModelOptions(providers=("CPUExecutionProvider",)))
+    cpu_only = ModelOptions(providers=("CPUExecutionProvider",))
+    model = ModelRuntime.load(args.name, args.version or 0, args.file, cpu_only)
     target = Repository(root).import_model(args.file, args.name, args.version)
     print(f"imported {args.file} as {args.name} version {target.parent.name} -> {target}")
     for spec in model.inputs:

@@ -9,7 +9,6 @@ INTERNAL without internals in the message.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 import shutil
@@ -38,7 +37,6 @@ from .shm import Beacon, RegionRegistry, probe_client_segment
 log = logging.getLogger(__name__)
 
 EXTENSIONS = [
-    "classification",
     "model_repository",
     "model_configuration",
     "system_shared_memory",
@@ -124,11 +122,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- metadata --------------------------------------------------------------------------------------
     @handled
-    def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.ServicerContext) -> Any:
+    def ServerMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
         return pb.ServerMetadataResponse(name="edgecow", version=__version__, extensions=EXTENSIONS)
 
     @handled
-    def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.ServicerContext) -> Any:
+    def ModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
         model = self.state.store.get(request.name, request.version)
         versions = [str(m.version) for m in self.state.store.loaded() if m.name == model.name]
         response = pb.ModelMetadataResponse(name=model.name, versions=versions, platform="onnxruntime_onnx")
@@ -139,7 +137,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     @handled
-    def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.ServicerContext) -> Any:
+    def ModelConfig(self, request: Any, context: grpc.ServicerContext) -> Any:
         model = self.state.store.get(request.name, request.version)
         config = pb.ModelConfig(name=model.name, platform="onnxruntime_onnx", backend="onnxruntime")
         policy = self.state.store.repository.config(model.name).version_policy
@@ -156,11 +154,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelConfigResponse(config=config)
 
     @handled
-    def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.ServicerContext) -> Any:
-        if request.name:
-            models = [self.state.store.get(request.name, request.version)]
-        else:
-            models = self.state.store.loaded()
+    def ModelStatistics(self, request: Any, context: grpc.ServicerContext) -> Any:
+        store = self.state.store
+        models = [store.get(request.name, request.version)] if request.name else store.loaded()
         response = pb.ModelStatisticsResponse()
         for model in models:
             response.model_stats.append(self._stats(model))
@@ -215,7 +211,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- repository ------------------------------------------------------------------------------------
     @handled
-    def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.ServicerContext) -> Any:
+    def RepositoryIndex(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._check_repository(request.repository_name)
         response = pb.RepositoryIndexResponse()
         for state in self.state.store.index():
@@ -228,7 +224,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     @handled
-    def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: grpc.ServicerContext) -> Any:
+    def RepositoryModelLoad(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._check_repository(request.repository_name)
         self._check_control(context, "load models")
         if request.parameters:
@@ -239,7 +235,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelLoadResponse()
 
     @handled
-    def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: grpc.ServicerContext) -> Any:
+    def RepositoryModelUnload(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._check_repository(request.repository_name)
         self._check_control(context, "unload models")
         if not request.model_name:
@@ -263,7 +259,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise PermissionDenied("shared memory can only be registered by callers on this machine")
 
     @handled
-    def SystemSharedMemoryStatus(self, request: pb.SystemSharedMemoryStatusRequest, context: grpc.ServicerContext) -> Any:
+    def SystemSharedMemoryStatus(self, request: Any, context: grpc.ServicerContext) -> Any:
         response = pb.SystemSharedMemoryStatusResponse()
         if not self.state.settings.shm_enabled:
             return response
@@ -276,38 +272,38 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     @handled
-    def SystemSharedMemoryRegister(self, request: pb.SystemSharedMemoryRegisterRequest, context: grpc.ServicerContext) -> Any:
+    def SystemSharedMemoryRegister(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._check_shm(context)
         self.state.registry.register(request.name, request.key, request.offset, request.byte_size)
         return pb.SystemSharedMemoryRegisterResponse()
 
     @handled
-    def SystemSharedMemoryUnregister(self, request: pb.SystemSharedMemoryUnregisterRequest, context: grpc.ServicerContext) -> Any:
+    def SystemSharedMemoryUnregister(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._check_shm(context)
         self.state.registry.unregister(request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
 
     # -- CUDA shared memory: not on this server --------------------------------------------------------
     @handled
-    def CudaSharedMemoryStatus(self, request: pb.CudaSharedMemoryStatusRequest, context: grpc.ServicerContext) -> Any:
+    def CudaSharedMemoryStatus(self, request: Any, context: grpc.ServicerContext) -> Any:
         if request.name:
             raise NotFound(f"CUDA shared-memory region {request.name!r} is not registered")
         return pb.CudaSharedMemoryStatusResponse()
 
     @handled
-    def CudaSharedMemoryRegister(self, request: pb.CudaSharedMemoryRegisterRequest, context: grpc.ServicerContext) -> Any:
+    def CudaSharedMemoryRegister(self, request: Any, context: grpc.ServicerContext) -> Any:
         raise Unimplemented("CUDA shared memory is not supported by edgecow; use system shared memory")
 
     @handled
-    def CudaSharedMemoryUnregister(self, request: pb.CudaSharedMemoryUnregisterRequest, context: grpc.ServicerContext) -> Any:
+    def CudaSharedMemoryUnregister(self, request: Any, context: grpc.ServicerContext) -> Any:
         return pb.CudaSharedMemoryUnregisterResponse()  # nothing is ever registered, so this always holds
 
     @handled
-    def TraceSetting(self, request: pb.TraceSettingRequest, context: grpc.ServicerContext) -> Any:
+    def TraceSetting(self, request: Any, context: grpc.ServicerContext) -> Any:
         raise Unimplemented("tracing is not supported by edgecow")
 
     @handled
-    def LogSettings(self, request: pb.LogSettingsRequest, context: grpc.ServicerContext) -> Any:
+    def LogSettings(self, request: Any, context: grpc.ServicerContext) -> Any:
         raise Unimplemented("log settings cannot be changed at run time; use --log-level")
 
 
@@ -380,6 +376,3 @@ def add_services(server: grpc.Server, state: ServerState) -> None:
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(state), server)
     edgecow_pb2_grpc.add_EdgecowServiceServicer_to_server(EdgecowServicer(state), server)
 
-
-def beacon_digest(data: bytes) -> bytes:
-    return hashlib.sha256(data).digest()

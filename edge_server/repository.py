@@ -14,7 +14,6 @@ import logging
 import re
 import shutil
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -370,12 +369,3 @@ def _default_loader(name: str, version: int, path: Path, config: ModelConfigFile
     )
     return ModelRuntime.load(name, version, path, options)
 
-
-def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
-    """Poll `predicate` until true or `timeout` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
-    return True

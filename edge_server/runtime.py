@@ -223,7 +223,7 @@ class ModelRuntime:
         except ort.capi.onnxruntime_pybind11_state.Fail as err:
             message = str(err)
             if "terminate flag" in message:
-                raise DeadlineExceeded(f"model {self.name} was stopped because the call ran past its deadline") from None
+                raise DeadlineExceeded(f"model {self.name} was stopped: the call ran past its deadline") from None
             raise InvalidArgument(f"model {self.name} rejected the inputs: {_short(message)}") from None
         except (ort.capi.onnxruntime_pybind11_state.InvalidArgument, RuntimeError) as err:
             raise InvalidArgument(f"model {self.name} rejected the inputs: {_short(str(err))}") from None

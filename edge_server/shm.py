@@ -19,7 +19,7 @@ import os
 import secrets
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import psutil
@@ -77,7 +77,6 @@ class Region:
     segment: Segment
     users: int = 0
     retired: bool = False
-    _views: list[np.ndarray] = field(default_factory=list, repr=False)
 
     def check(self, offset: int, size: int, what: str) -> int:
         """The absolute offset of [offset, offset + size) in the object, after checking it fits the

@@ -106,7 +106,7 @@ def string_model() -> onnx.ModelProto:
 
 
 def slow_model(size: int = 192) -> onnx.ModelProto:
-    """y = x after `iterations` (an INT64 scalar input) rounds of a size×size MatMul.
+    """y = x after `iterations` (an INT64 scalar input) rounds of a size-by-size MatMul.
 
     The run time grows with `iterations`, so a test can hold a call in flight for as long as it needs.
     Output `y` is `x` unchanged; `work` carries the loop's result so onnxruntime cannot skip it.
