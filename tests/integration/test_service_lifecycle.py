@@ -168,6 +168,7 @@ def test_sigterm_lets_a_call_in_flight_finish(repo: Path, workdir: Path) -> None
     server = ServerProcess(repo, workdir, "--grace-period", "30").start()
     try:
         segments_while_running = server_segments(server.pid)
+        assert segments_while_running, "the server made no shared-memory segment of its own to clean up"
         outcome: dict[str, object] = {}
 
         def call() -> None:

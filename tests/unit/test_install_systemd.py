@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -150,6 +151,29 @@ def test_default_config_holds_the_server_settings() -> None:
         "poll_interval": 0,
     }
     assert "# tls_cert = " in DEFAULT_CONFIG and "# tls_key = " in DEFAULT_CONFIG
+
+
+def test_the_default_config_is_one_the_server_accepts(tmp_path: Path) -> None:
+    from edge_server.config import load_settings
+
+    install(tmp_path)
+    settings = load_settings(config_file=tmp_path / CONFIG, environ={})
+
+    assert settings.model_repository == Path("/var/lib/edgecow/models")
+    assert settings.socket_path() == Path("/run/edgecow/edgecow.sock")
+    assert (settings.listen, settings.grace_period, settings.poll_interval) == ("0.0.0.0:8001", 30.0, 0.0)
+
+
+def test_the_units_command_line_is_one_the_cli_accepts(tmp_path: Path) -> None:
+    install(tmp_path)
+    exec_start = re.search(r"^ExecStart=(.*)$", (tmp_path / UNIT).read_text(), re.MULTILINE).group(1)
+
+    result = subprocess.run(
+        [*shlex.split(exec_start), "--help"], capture_output=True, text=True, check=False, timeout=120
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert "--config" in result.stdout
 
 
 def test_exec_start_paths_are_escaped_for_unit_files(monkeypatch: pytest.MonkeyPatch) -> None:
