@@ -21,7 +21,7 @@ from onnx import TensorProto
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import models  # noqa: E402
+import models
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 READY_PATTERN = re.compile(r"ready: ")
@@ -119,7 +119,7 @@ class ServerProcess:
 def build_repository(root: Path) -> Path:
     """The repository most tests share: every datatype the tests need, two versions of `scale`."""
     models.write_model(root, "scale", 1, models.scale_model(factor=1.0))
-    models.write_model(root, "scale", 2, models.scale_model(factor=2.0))
+    models.write_model(root, "scale", 2, models.scale_model(factor=2.0), config='version_policy = "all"\n')
     models.write_model(root, "add_sub", 1, models.add_sub_model())
     models.write_model(root, "add_sub_int32", 1, models.add_sub_model(TensorProto.INT32))
     models.write_model(root, "mixed", 1, models.mixed_model())

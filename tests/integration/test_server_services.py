@@ -1,0 +1,128 @@
+"""The server's standard side services and listeners: health, reflection, TLS, concurrency.
+
+    pytest tests/integration/test_server_services.py
+"""
+
+from __future__ import annotations
+
+import datetime
+import threading
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from conftest import ServerProcess
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from shm_client import EdgeClient
+from shm_client._proto import edgecow_pb2, edgecow_pb2_grpc
+
+
+def test_health_service_reports_serving_for_the_server_and_the_v2_service(server: ServerProcess) -> None:
+    with grpc.insecure_channel(server.tcp_target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "inference.GRPCInferenceService", "edgecow.v1.EdgecowService"):
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_lists_the_v2_and_edgecow_services_and_describes_them(server: ServerProcess) -> None:
+    with grpc.insecure_channel(server.unix_target.replace("unix://", "unix:")) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        requests = [
+            reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="inference.GRPCInferenceService"),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="edgecow.v1.EdgecowService"),
+        ]
+        replies = list(stub.ServerReflectionInfo(iter(requests), timeout=5))
+    names = {s.name for s in replies[0].list_services_response.service}
+    assert {"inference.GRPCInferenceService", "edgecow.v1.EdgecowService", "grpc.health.v1.Health"} <= names
+    assert replies[1].file_descriptor_response.file_descriptor_proto, replies[1]
+    assert replies[2].file_descriptor_response.file_descriptor_proto, replies[2]
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "server.crt", directory / "server.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_path, key_path
+
+
+def test_tls_listener_serves_inference_to_a_client_that_trusts_the_certificate(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    cert, key = _self_signed(tmp_path)
+    proc = ServerProcess(model_repo, tmp_path, "--tls-cert", str(cert), "--tls-key", str(key)).start()
+    try:
+        port = proc.tcp_target.rsplit(":", 1)[1]
+        with EdgeClient(f"localhost:{port}", root_certificates=cert.read_bytes(), transport="grpc") as client:
+            x = np.arange(8, dtype=np.float32)
+            np.testing.assert_array_equal(client.infer("scale", {"x": x}, version=1)["y"], x)
+        with EdgeClient(f"localhost:{port}", transport="grpc", timeout=3) as plain:
+            assert not plain.ready()  # a plaintext client cannot talk to the TLS port
+    finally:
+        assert proc.stop() == 0
+
+
+def test_calls_on_one_model_run_concurrently(server: ServerProcess) -> None:
+    """Two slow calls are inside onnxruntime at the same time (the server shows both in flight)."""
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        with grpc.insecure_channel(server.tcp_target) as channel:
+            stub = edgecow_pb2_grpc.EdgecowServiceStub(channel)
+            while not stop.is_set():
+                status = stub.GetStatus(edgecow_pb2.GetStatusRequest(), timeout=5)
+                seen.extend(m.in_flight for m in status.models if m.name == "slow")
+
+    def call() -> None:
+        with EdgeClient(server.unix_target, transport="grpc") as client:
+            client.infer("slow", {"x": np.ones(4, np.float32), "iterations": np.array(40_000, np.int64)})
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    callers = [threading.Thread(target=call) for _ in range(2)]
+    for thread in callers:
+        thread.start()
+    for thread in callers:
+        thread.join(60)
+    stop.set()
+    watcher.join(10)
+    assert max(seen) == 2, f"in-flight counts seen: {sorted(set(seen))}"
+
+
+@pytest.mark.parametrize("service", ["inference.GRPCInferenceService", "edgecow.v1.EdgecowService"])
+def test_server_metadata_lists_the_extensions(server: ServerProcess, service: str) -> None:
+    from shm_client._proto import inference_pb2, inference_pb2_grpc
+
+    with grpc.insecure_channel(server.tcp_target) as channel:
+        reply = inference_pb2_grpc.GRPCInferenceServiceStub(channel).ServerMetadata(
+            inference_pb2.ServerMetadataRequest(), timeout=5
+        )
+    assert reply.name == "edgecow"
+    assert {"system_shared_memory", "model_repository", "statistics", "edgecow"} <= set(reply.extensions)
