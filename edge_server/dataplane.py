@@ -383,16 +383,18 @@ class DataPlane:
             needed = spec.byte_size()
             what = f"output {output.name!r}"
             held = region(output.shm.region)
-            if needed is None:
+            dtype = datatypes.numpy_dtype(spec.datatype)
+            # An unaligned slot cannot be bound: Region.view would hand back a copy and the result would
+            # never reach the region. Such outputs (and those of unknown shape) get one copy in _place.
+            unaligned = (held.offset + output.shm.offset) % max(dtype.itemsize, 1) != 0
+            if needed is None or unaligned:
                 held.check(output.shm.offset, output.shm.byte_size, what)
                 continue
             if output.shm.byte_size < needed:
                 raise InvalidArgument(
                     f"{what} needs {needed} bytes but its shared-memory slot has {output.shm.byte_size}"
                 )
-            buffers[output.name] = held.view(
-                output.shm.offset, needed, datatypes.numpy_dtype(spec.datatype), spec.shape, what
-            )
+            buffers[output.name] = held.view(output.shm.offset, needed, dtype, spec.shape, what)
         return buffers
 
     def _place(

@@ -9,10 +9,12 @@ INTERNAL without internals in the message.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 import os
 import shutil
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,15 +64,24 @@ class ServerState:
 
 
 def is_local_peer(peer: str) -> bool:
-    """unix sockets and loopback addresses count as this machine."""
+    """unix sockets and loopback addresses count as this machine.
+
+    gRPC percent-encodes the brackets of IPv6 peers ("ipv6:%5B::1%5D:5000"), so the host is unquoted
+    before it is parsed.
+    """
     if peer.startswith("unix:") or peer.startswith("unix-abstract:"):
         return True
-    if peer.startswith("ipv4:"):
-        return peer[5:].startswith("127.")
-    if peer.startswith("ipv6:"):
-        host = peer[5:].rsplit(":", 1)[0].strip("[]")
-        return host == "::1" or host.startswith("::ffff:127.")
-    return False
+    kind, _, address = peer.partition(":")
+    if kind not in ("ipv4", "ipv6"):
+        return False
+    host = urllib.parse.unquote(address).rsplit(":", 1)[0].strip("[]")
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])  # drop an IPv6 zone id
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
 
 
 def _abort(context: grpc.ServicerContext, err: EdgecowError) -> None:
