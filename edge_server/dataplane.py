@@ -265,7 +265,7 @@ class DataPlane:
 
             feeds = self._feeds(model, request.inputs, region)
             wanted = self._wanted_outputs(model, request.outputs)
-            out_buffers = self._bound_outputs(model, wanted, region)
+            out_buffers = self._bound_outputs(model, wanted, feeds, region)
             t1 = time.monotonic_ns()
             results = self._execute(model, feeds, [o.name for o in wanted], out_buffers, request.deadline)
             t2 = time.monotonic_ns()
@@ -371,7 +371,9 @@ class DataPlane:
             seen.add(output.name)
         return requested
 
-    def _bound_outputs(self, model: ModelRuntime, wanted: list[RequestedOutput], region: Any) -> dict[str, np.ndarray]:
+    def _bound_outputs(
+        self, model: ModelRuntime, wanted: list[RequestedOutput], feeds: dict[str, np.ndarray], region: Any
+    ) -> dict[str, np.ndarray]:
         """Views on the caller's regions for outputs whose shape is known before the run, so that
         onnxruntime writes there directly."""
         buffers = {}
@@ -380,7 +382,8 @@ class DataPlane:
                 continue
             spec = model.spec(output.name)
             assert spec is not None
-            needed = spec.byte_size()
+            shape = None if spec.datatype.variable_size else model.output_shape(output.name, feeds)
+            needed = None if shape is None else datatypes.byte_size(spec.datatype, shape)
             what = f"output {output.name!r}"
             held = region(output.shm.region)
             dtype = datatypes.numpy_dtype(spec.datatype)
@@ -394,7 +397,7 @@ class DataPlane:
                 raise InvalidArgument(
                     f"{what} needs {needed} bytes but its shared-memory slot has {output.shm.byte_size}"
                 )
-            buffers[output.name] = held.view(output.shm.offset, needed, dtype, spec.shape, what)
+            buffers[output.name] = held.view(output.shm.offset, needed, dtype, shape, what)
         return buffers
 
     def _place(
@@ -412,7 +415,7 @@ class DataPlane:
             return result
         result.array = None
         result.shm = output.shm
-        if output.name in out_buffers:
+        if out_buffers.get(output.name) is value:
             return result  # onnxruntime wrote it in place
         what = f"output {output.name!r}"
         held = region(output.shm.region)

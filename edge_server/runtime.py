@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _pybind
 
 from shm_client import datatypes
 from shm_client.datatypes import DataType
@@ -26,6 +27,8 @@ from shm_client.errors import DeadlineExceeded, FailedPrecondition, InvalidArgum
 
 log = logging.getLogger(__name__)
 
+# What onnxruntime raises for a run it rejects (its pybind types do not derive from RuntimeError).
+_ORT_ERRORS = (RuntimeError, _pybind.Fail, _pybind.InvalidArgument, _pybind.RuntimeException)
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 PROBE_MODEL = Path(__file__).parent / "examples" / "probe.onnx"
 # onnxruntime logs at WARNING by default, which includes harmless notes about node placement.
@@ -39,16 +42,8 @@ class TensorSpec:
     name: str
     datatype: DataType
     shape: tuple[int, ...]
-
-    @property
-    def static(self) -> bool:
-        return all(dim >= 0 for dim in self.shape)
-
-    def byte_size(self) -> int | None:
-        """Bytes of a tensor of this spec, when that is known before a run."""
-        if not self.static or self.datatype.variable_size:
-            return None
-        return datatypes.byte_size(self.datatype, self.shape)
+    # The model's names for its variable dimensions ("batch", "n"), None where it gives none.
+    symbols: tuple[str | None, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -110,8 +105,10 @@ def resolve_providers(requested: Sequence[str], require_gpu: bool) -> list[str]:
 def _specs(nodes: Sequence[ort.NodeArg]) -> tuple[TensorSpec, ...]:
     specs = []
     for node in nodes:
-        shape = tuple(dim if isinstance(dim, int) and dim >= 0 else -1 for dim in (node.shape or []))
-        specs.append(TensorSpec(node.name, datatypes.from_onnx(node.type), shape))
+        dims = node.shape or []
+        shape = tuple(dim if isinstance(dim, int) and dim >= 0 else -1 for dim in dims)
+        symbols = tuple(dim if isinstance(dim, str) and dim else None for dim in dims)
+        specs.append(TensorSpec(node.name, datatypes.from_onnx(node.type), shape, symbols))
     return tuple(specs)
 
 
@@ -156,6 +153,29 @@ class ModelRuntime:
 
     def spec(self, name: str) -> TensorSpec | None:
         return self._by_name.get(name)
+
+    def output_shape(self, name: str, feeds: Mapping[str, np.ndarray]) -> tuple[int, ...] | None:
+        """The shape output `name` will have, when the model's declared shapes tell it before the run:
+        fixed dimensions, and named ones ("n") that an input with the same name fixes for this call.
+        """
+        spec = self._by_name[name]
+        bound: dict[str, int] = {}
+        for tensor in self.inputs:
+            array = feeds.get(tensor.name)
+            if array is None or array.ndim != len(tensor.symbols):
+                continue
+            for symbol, size in zip(tensor.symbols, array.shape):
+                if symbol is not None and bound.setdefault(symbol, size) != size:
+                    return None  # the inputs disagree on the symbol, so it promises nothing
+        shape = []
+        for dim, symbol in zip(spec.shape, spec.symbols):
+            if dim >= 0:
+                shape.append(dim)
+            elif symbol is not None and symbol in bound:
+                shape.append(bound[symbol])
+            else:
+                return None
+        return tuple(shape)
 
     def warm_up(self) -> None:
         """One run on zeros (variable dimensions as 1), so the first real call is not the slow one."""
@@ -203,9 +223,13 @@ class ModelRuntime:
         out_buffers: Mapping[str, np.ndarray] | None = None,
         run_options: ort.RunOptions | None = None,
     ) -> dict[str, np.ndarray]:
-        """Run the model. Outputs in `out_buffers` (static shapes only) are written in place and
-        returned as those same arrays; the others are onnxruntime's own arrays (no copy)."""
+        """Run the model. Outputs in `out_buffers` are written in place and returned as those same
+        arrays; the others are onnxruntime's own arrays (no copy)."""
         out_buffers = out_buffers or {}
+        if run_options is None:
+            run_options = ort.RunOptions()
+        # A rejected run is answered to the caller as a status; onnxruntime need not log it too.
+        run_options.log_severity_level = 4
         try:
             if self._uses_strings:
                 values = self.session.run(list(output_names), _strings_to_text(feeds), run_options)
@@ -214,18 +238,24 @@ class ModelRuntime:
                     results[name] = _copy_into(buffer, results[name], name)
                 return results
             binding, _keep = self.bind(feeds, output_names, out_buffers)
-            self.session.run_with_iobinding(binding, run_options)
+            try:
+                self.session.run_with_iobinding(binding, run_options)
+            except _ORT_ERRORS:
+                if not out_buffers or run_options.terminate:
+                    raise
+                # A named dimension did not hold what the model declared, so a bound buffer had the
+                # wrong shape; run again into onnxruntime's own memory and let the caller copy.
+                out_buffers = {}
+                binding, _keep = self.bind(feeds, output_names, out_buffers)
+                self.session.run_with_iobinding(binding, run_options)
             values = binding.get_outputs()
             return {
                 name: out_buffers[name] if name in out_buffers else value.numpy()
                 for name, value in zip(output_names, values)
             }
-        except ort.capi.onnxruntime_pybind11_state.Fail as err:
-            message = str(err)
-            if "terminate flag" in message:
+        except _ORT_ERRORS as err:
+            if run_options.terminate:
                 raise DeadlineExceeded(f"model {self.name} was stopped: the call ran past its deadline") from None
-            raise InvalidArgument(f"model {self.name} rejected the inputs: {_short(message)}") from None
-        except (ort.capi.onnxruntime_pybind11_state.InvalidArgument, RuntimeError) as err:
             raise InvalidArgument(f"model {self.name} rejected the inputs: {_short(str(err))}") from None
 
 
