@@ -12,7 +12,7 @@ import numpy as np
 
 from shm_client import datatypes
 from shm_client._proto import inference_pb2 as pb
-from shm_client.errors import InvalidArgument
+from shm_client.errors import InvalidArgument, Unimplemented
 
 from .dataplane import InferRequest, InferResponse, InputTensor, RequestedOutput, ShmRef
 
@@ -106,6 +106,9 @@ def to_infer_request(request: pb.ModelInferRequest, deadline: float | None = Non
         raise InvalidArgument(
             f"the request has {len(raw)} raw_input_contents entries for {raw_users} inputs that need one"
         )
+    for output in request.outputs:
+        if "classification" in output.parameters:  # silently returning the raw tensor would mislead
+            raise Unimplemented(f"output {output.name!r} asks for classification, which edgecow does not do")
     outputs = [
         RequestedOutput(o.name, to_shm_ref(o.parameters, f"output {o.name!r}")) for o in request.outputs
     ]

@@ -335,7 +335,7 @@ class DataPlane:
             ref = tensor.shm
             held = region(ref.region)
             if dt.variable_size:
-                return datatypes.decode_bytes(held.raw(ref.offset, ref.byte_size, what), count).reshape(shape)
+                return _decode_bytes(held.raw(ref.offset, ref.byte_size, what), count, what).reshape(shape)
             expected = count * dt.itemsize
             if ref.byte_size != expected:
                 raise InvalidArgument(
@@ -346,7 +346,7 @@ class DataPlane:
         if tensor.raw is None:
             raise InvalidArgument(f"{what} has no data: give contents, a raw entry or a shared-memory region")
         if dt.variable_size:
-            return datatypes.decode_bytes(tensor.raw, count).reshape(shape)
+            return _decode_bytes(tensor.raw, count, what).reshape(shape)
         expected = count * dt.itemsize
         if len(tensor.raw) != expected:
             raise InvalidArgument(
@@ -426,6 +426,14 @@ class DataPlane:
         target = held.raw(output.shm.offset, size, what)
         target[:] = data if isinstance(data, bytes) else np.ascontiguousarray(value).reshape(-1).view(np.uint8)
         return result
+
+
+def _decode_bytes(buffer: bytes | memoryview, count: int, what: str) -> np.ndarray:
+    """decode_bytes, with the input's name in the error so a caller with several inputs knows which."""
+    try:
+        return datatypes.decode_bytes(buffer, count)
+    except InvalidArgument as err:
+        raise InvalidArgument(f"{what}: {err.message}") from None
 
 
 def element_count(shape: tuple[int, ...]) -> int:

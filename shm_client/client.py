@@ -130,6 +130,7 @@ class EdgeClient:
         self._lock = threading.Lock()
         self._pool = SegmentPool()
         self._registered: set[str] = set()
+        self._allocated: dict[str, Segment] = {}
         self._metadata: dict[tuple[str, str], pb.ModelMetadataResponse] = {}
         self._sizes: dict[tuple, int] = {}
         self._warned = False
@@ -261,6 +262,49 @@ class EdgeClient:
         """The server's edgecow status: models, providers, regions, process and system figures."""
         return self._call(self._edgecow.GetStatus, edgecow_pb2.GetStatusRequest())
 
+    # -- zero-copy inputs ------------------------------------------------------------------------------
+    def empty(self, shape: Sequence[int], dtype: Any = np.float32) -> np.ndarray:
+        """An uninitialised array that lives in this client's shared memory.
+
+        Fill it and pass it (or a contiguous slice of it) to infer(): over shared memory the server reads
+        it where it is, so the input costs no copy at all. The memory returns to the pool when the array
+        and every view of it are gone. Without the shm transport it is an ordinary array.
+        """
+        dtype = np.dtype(dtype)
+        shape = tuple(int(d) for d in shape)
+        if dtype.kind == "O":
+            raise InvalidArgument("BYTES tensors cannot be preallocated; pass them to infer() directly")
+        datatypes.from_numpy(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if nbytes == 0 or self.transport != "shm":
+            return np.empty(shape, dtype)
+        segment = self._pool.acquire(nbytes)
+        # Views of the returned array keep `owner` alive (numpy points every view at it), so the
+        # segment goes back to the pool only once no view of it is left.
+        owner = np.frombuffer(segment.buffer, dtype=np.uint8, count=nbytes)
+        with self._lock:
+            self._allocated[segment.key] = segment
+        weakref.finalize(owner, _return_allocated, weakref.ref(self), segment)
+        return owner.view(dtype).reshape(shape)
+
+    def _locate(self, array: np.ndarray) -> tuple[Segment, int] | None:
+        """The segment made by empty() that holds `array` whole and contiguous, and the offset in it."""
+        if not self._allocated or array.dtype == object or not array.flags.c_contiguous or not array.nbytes:
+            return None
+        start = array.ctypes.data
+        with self._lock:
+            segments = list(self._allocated.values())
+        for segment in segments:
+            base = segment.address()
+            if base <= start and start + array.nbytes <= base + segment.size:
+                return segment, start - base
+        return None
+
+    def _release_allocated(self, segment: Segment) -> None:
+        with self._lock:
+            self._allocated.pop(segment.key, None)
+        self._pool.release(segment)
+
     # -- inference -------------------------------------------------------------------------------------
     def infer(
         self,
@@ -327,9 +371,17 @@ class EdgeClient:
         try:
             request = self._request(model, version, arrays)
             shapes = tuple((name, array.shape) for name, array in arrays.items())
+            # Outside the fallback below: an unknown model or version is the caller's error, not a
+            # shared-memory failure, and must not be retried over gRPC with a misleading warning.
+            meta = self._model_metadata(model, version)
             try:
-                meta = self._model_metadata(model, version)
                 for tensor, array in zip(request.inputs, arrays.values()):
+                    located = self._locate(array)
+                    if located is not None:  # made by empty(): the server reads it where it is
+                        segment, offset = located
+                        self._register(segment)
+                        _set_shm(tensor.parameters, segment.key, array.nbytes, offset)
+                        continue
                     raw = datatypes.encode_bytes(array) if array.dtype == object else array
                     size = len(raw) if isinstance(raw, bytes) else array.nbytes
                     segment = self._segment(max(size, 1), lease)
@@ -390,6 +442,10 @@ class EdgeClient:
     def _segment(self, size: int, lease: _Lease) -> Segment:
         segment = self._pool.acquire(size)
         lease.segments.append(segment)
+        self._register(segment)
+        return segment
+
+    def _register(self, segment: Segment) -> None:
         if segment.key not in self._registered:
             request = pb.SystemSharedMemoryRegisterRequest(name=segment.key, key="/" + segment.key,
                                                            offset=0, byte_size=segment.size)
@@ -401,7 +457,6 @@ class EdgeClient:
             self._registered.add(segment.key)
         for evicted in self._pool.take_evicted():
             self._drop(evicted)
-        return segment
 
     def _drop(self, segment: Segment) -> None:
         if segment.key in self._registered:
@@ -418,6 +473,12 @@ class EdgeClient:
     def _forget_registrations(self) -> None:
         """After the server lost our regions (a restart), register them again on next use."""
         self._registered.clear()
+
+
+def _return_allocated(client_ref: weakref.ref, segment: Segment) -> None:
+    client = client_ref()
+    if client is not None:
+        client._release_allocated(segment)
 
 
 class _ShmFailure(Exception):
@@ -439,9 +500,11 @@ def _as_array(name: str, value: Any) -> np.ndarray:
     return array
 
 
-def _set_shm(params: Any, key: str, size: int) -> None:
+def _set_shm(params: Any, key: str, size: int, offset: int = 0) -> None:
     params["shared_memory_region"].string_param = key
     params["shared_memory_byte_size"].int64_param = size
+    if offset:
+        params["shared_memory_offset"].int64_param = offset
 
 
 def _to_raw(array: np.ndarray) -> bytes:
