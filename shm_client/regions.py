@@ -57,6 +57,7 @@ class Segment:
         self.created = created
         self._fd = fd
         self._map: mmap.mmap | None = mmap.mmap(fd, size) if size else None
+        self._address: int | None = None
         self._closed = False
 
     @classmethod
@@ -122,7 +123,9 @@ class Segment:
 
     def address(self) -> int:
         """The address of the mapping's first byte in this process."""
-        return np.frombuffer(self.buffer, dtype=np.uint8, count=1).ctypes.data
+        if self._address is None:
+            self._address = np.frombuffer(self.buffer, dtype=np.uint8, count=1).ctypes.data
+        return self._address
 
     def array(self, dtype: np.dtype | type, shape: tuple[int, ...], offset: int = 0) -> np.ndarray:
         """A numpy view (no copy) of `shape` elements of `dtype` starting `offset` bytes in."""
