@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import os
 import shutil
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -195,7 +196,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _infer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:
         now = time.monotonic()
         limits = [context.time_remaining(), convert.request_timeout(request)]
-        remaining = [t for t in limits if t is not None]
+        # A call without a deadline reports about 2^63 s remaining: that means none (a timer that long
+        # cannot even start; it died with OverflowError on every such call).
+        remaining = [t for t in limits if t is not None and t < threading.TIMEOUT_MAX]
         deadline = now + min(remaining) if remaining else None
         infer_request = convert.to_infer_request(request, deadline)
         response = self.state.plane.infer(infer_request, local=is_local_peer(context.peer()))

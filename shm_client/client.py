@@ -452,6 +452,10 @@ class EdgeClient:
             try:
                 self._stub.SystemSharedMemoryRegister(request, timeout=10.0)
             except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.NOT_FOUND:
+                    # Its object was unlinked under us (a cleaner ran): a new segment serves the next call
+                    # instead of this one failing the same way forever.
+                    self._pool.discard(segment)
                 if err.code() != grpc.StatusCode.ALREADY_EXISTS:
                     raise from_rpc_error(err) from None
             self._registered.add(segment.key)

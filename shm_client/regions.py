@@ -229,6 +229,16 @@ class SegmentPool:
             evicted, self._evicted = self._evicted, []
         return evicted
 
+    def discard(self, segment: Segment) -> None:
+        """Forget a segment that can no longer serve (its object vanished); close and unlink it."""
+        with self._lock:
+            if self._all.pop(segment.key, None) is None:
+                return
+            if segment in self._free:
+                self._free.remove(segment)
+        segment.close()
+        segment.unlink()
+
     def segments(self) -> list[Segment]:
         with self._lock:
             return list(self._all.values())

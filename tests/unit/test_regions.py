@@ -219,3 +219,17 @@ def test_segment_size_matches_the_file(key: str) -> None:
     finally:
         segment.close()
         segment.unlink()
+
+
+def test_pool_discard_forgets_a_segment_whose_object_vanished() -> None:
+    pool = SegmentPool()
+    try:
+        segment = pool.acquire(100)
+        segment.unlink()  # a cleaner removed the object
+        pool.discard(segment)
+        pool.release(segment)  # a lease handing it back later is ignored
+        assert pool.segments() == []
+        fresh = pool.acquire(100)
+        assert fresh is not segment and (SHM_DIR / fresh.key).exists()
+    finally:
+        pool.close()
