@@ -252,7 +252,14 @@ def pid_alive(pid: int, created_before: float) -> bool:
         proc = psutil.Process(pid)
         return proc.create_time() <= created_before + 1.0 and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
-        return False
+        # /proc may hide other users' processes (ProtectProc=invisible); the kernel still knows.
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
     except psutil.Error:
         return True
 

@@ -76,7 +76,7 @@ class Segment:
         try:
             os.fchmod(fd, mode)
             gid = _group_id(group)
-            if gid is not None:
+            if gid is not None and os.fstat(fd).st_gid != gid:
                 os.fchown(fd, -1, gid)
             try:
                 os.posix_fallocate(fd, 0, size)
