@@ -71,7 +71,8 @@ class Settings:
     shm_reap_interval: float = 2.0
 
     def socket_path(self) -> Path | None:
-        return default_socket_path() if self.socket is None else (None if str(self.socket) == "" else self.socket)
+        # "none" is stored as Path(""), which Python turns into Path("."): compare paths, not strings.
+        return default_socket_path() if self.socket is None else (None if self.socket == Path("") else self.socket)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
