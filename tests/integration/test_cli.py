@@ -223,3 +223,15 @@ def test_serve_with_a_missing_repository_exits_nonzero(tmp_path: Path) -> None:
                      "--listen", "none", timeout=60)
     assert result.returncode == 1
     assert f"model repository {tmp_path / 'nope'} is not a directory" in result.stdout + result.stderr
+
+
+def test_serve_with_socket_none_listens_on_tcp_only(model_repo: Path, tmp_path: Path) -> None:
+    proc = ServerProcess(model_repo, tmp_path, "--socket", "none").start()
+    try:
+        assert proc.alive(), proc.log
+        assert proc.listeners == [proc.tcp_target]
+        assert not proc.socket.exists()
+        result = run_cli("status", "--target", proc.tcp_target)
+        assert result.returncode == 0, result.stderr
+    finally:
+        proc.stop()
