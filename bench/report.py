@@ -1,0 +1,80 @@
+"""Timing loops and plain-text tables.
+
+    samples = interleaved({"a": call_a, "b": call_b}, iterations=100, warmup=5)
+    print(table(["variant", "p50"], [["a", ms(p50(samples["a"]))]]))
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+
+def interleaved(variants: dict[str, Callable[[], object]], iterations: int, warmup: int) -> dict[str, np.ndarray]:
+    """Seconds per call for each variant, calls taken in turn (the starting variant rotates every round),
+    so that a noisy neighbour slows every variant alike instead of whichever happened to run then."""
+    names = list(variants)
+    for name in names:
+        for _ in range(warmup):
+            variants[name]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    clock = time.perf_counter
+    for i in range(iterations):
+        for j in range(len(names)):
+            name = names[(i + j) % len(names)]
+            call = variants[name]
+            start = clock()
+            call()
+            samples[name].append(clock() - start)
+    return {name: np.asarray(values) for name, values in samples.items()}
+
+
+def pct(samples: np.ndarray, q: float) -> float:
+    return float(np.percentile(samples, q))
+
+
+def ms(seconds: float) -> str:
+    value = seconds * 1e3
+    if value < 10:
+        return f"{value:.3f} ms"
+    if value < 100:
+        return f"{value:.2f} ms"
+    return f"{value:.1f} ms"
+
+
+def us(seconds: float) -> str:
+    return f"{seconds * 1e6:.0f} µs"
+
+
+def ratio(value: float) -> str:
+    return f"{value:.2f}x"
+
+
+def mib(nbytes: float) -> str:
+    return f"{nbytes / 2**20:.1f} MiB"
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Columns aligned: text left, everything that starts with a digit (or a sign) right."""
+    cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+
+    def numeric(text: str) -> bool:
+        return text[:1].isdigit() or (text[:1] in ("+", "-") and text[1:2].isdigit())
+
+    def line(row: list[str]) -> str:
+        parts = [c.rjust(w) if numeric(c) else c.ljust(w) for c, w in zip(row, widths)]
+        return "  ".join(parts).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(cells[0]), rule, *(line(row) for row in cells[1:])])
+
+
+def heading(text: str) -> str:
+    return f"\n== {text} " + "=" * max(0, 100 - len(text))
