@@ -38,7 +38,13 @@ SERVE_FLAGS = {
     "--max-inflight-per-model": ("max_inflight_per_model", int, "calls one model runs at once (default: 8)"),
     "--max-queue-per-model": ("max_queue_per_model", int, "calls that may wait for a model (default: 64)"),
     "--max-request-bytes": ("max_request_bytes", int, "largest gRPC request accepted"),
+    "--max-tensor-bytes": ("max_tensor_bytes", int, "largest fixed-size input tensor in bytes"),
+    "--max-elements": ("max_elements", int, "most elements one input tensor may have"),
     "--shm-max-regions": ("shm_max_regions", int, "registered shared-memory regions allowed (default: 1024)"),
+    "--shm-max-mapped-bytes": ("shm_max_mapped_bytes", int, "bytes of registered shared memory the server "
+                               "maps at most (default: 32 GiB)"),
+    "--shm-reap-interval": ("shm_reap_interval", float, "seconds between sweeps that drop registrations of "
+                            "vanished segments or dead clients (default: 2)"),
 }
 
 
@@ -251,9 +257,14 @@ def _models_import(args: argparse.Namespace) -> int:
     root = args.model_repository or load_settings(args.config).model_repository
     if not args.file.is_file():
         raise EdgecowError(f"{args.file} does not exist")
+    repository = Repository(root)
+    version = args.version or (repository.latest_version(args.name) or 0) + 1
     cpu_only = ModelOptions(providers=("CPUExecutionProvider",))
-    model = ModelRuntime.load(args.name, args.version or 0, args.file, cpu_only)
-    target = Repository(root).import_model(args.file, args.name, args.version)
+    try:
+        model = ModelRuntime.load(args.name, version, args.file, cpu_only)
+    except EdgecowError as err:
+        raise EdgecowError(f"{args.file} cannot be imported: {err.message}") from None
+    target = repository.import_model(args.file, args.name, version)
     print(f"imported {args.file} as {args.name} version {target.parent.name} -> {target}")
     for spec in model.inputs:
         print(f"    input  {spec.name:<20} {spec.datatype.name:<6} {list(spec.shape)}")

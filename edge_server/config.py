@@ -119,17 +119,19 @@ def _convert(name: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: setting {name!r} has a bad value {value!r} ({err})") from None
 
 
-def read_toml(path: Path) -> dict[str, Any]:
-    """Parse a TOML file; a ConfigError that names the file when it is missing or malformed."""
+def read_toml(path: Path, label: str | None = None) -> dict[str, Any]:
+    """Parse a TOML file; a ConfigError that names the file (as `label`, if given) when it is missing or
+    malformed."""
+    shown = label or str(path)
     try:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
     except FileNotFoundError:
-        raise ConfigError(f"configuration file {path} does not exist") from None
+        raise ConfigError(f"configuration file {shown} does not exist") from None
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"configuration file {path} is not valid TOML: {err}") from None
+        raise ConfigError(f"configuration file {shown} is not valid TOML: {err}") from None
     except OSError as err:
-        raise ConfigError(f"configuration file {path} cannot be read: {err.strerror}") from None
+        raise ConfigError(f"configuration file {shown} cannot be read: {err.strerror}") from None
 
 
 def load_settings(

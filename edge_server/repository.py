@@ -80,9 +80,10 @@ def _policy(value: Any, path: Path) -> VersionPolicy:
     )
 
 
-def parse_model_config(path: Path) -> ModelConfigFile:
-    """Read a model's config.toml; a ConfigError naming the file says what is wrong."""
-    data = read_toml(path)
+def parse_model_config(path: Path, label: str | None = None) -> ModelConfigFile:
+    """Read a model's config.toml; a ConfigError naming the file (as `label`) says what is wrong."""
+    data = read_toml(path, label)
+    path = Path(label) if label else path
     unknown = set(data) - _CONFIG_KEYS
     if unknown:
         raise ConfigError(f"{path}: unknown key {sorted(unknown)[0]!r}; known keys: {', '.join(sorted(_CONFIG_KEYS))}")
@@ -138,7 +139,8 @@ class Repository:
 
     def config(self, name: str) -> ModelConfigFile:
         path = self.root / name / CONFIG_FILE
-        return parse_model_config(path) if path.is_file() else ModelConfigFile()
+        # Errors name the file relative to the repository: callers should not learn the server's paths.
+        return parse_model_config(path, f"{name}/{CONFIG_FILE}") if path.is_file() else ModelConfigFile()
 
     def fingerprint(self, name: str, version: int) -> tuple[int, int]:
         """Changes when the file is replaced, so polling reloads a rewritten version."""
@@ -237,11 +239,13 @@ class ModelStore:
             if entry is None:
                 states.append(ModelState(name, on_disk[-1] if on_disk else 0, "UNLOADED"))
                 continue
-            if entry.error:
+            if entry.error and not entry.versions:
                 states.append(ModelState(name, on_disk[-1] if on_disk else 0, "UNAVAILABLE", entry.error))
             for version in sorted(set(entry.versions) | set(entry.failures)):
                 if version in entry.versions:
-                    states.append(ModelState(name, version, "READY"))
+                    # A broken config.toml keeps what was loaded serving; the reason says why it is stale.
+                    reason = f"still serving the loaded version; {entry.error}" if entry.error else ""
+                    states.append(ModelState(name, version, "READY", reason))
                 else:
                     states.append(ModelState(name, version, "UNAVAILABLE", entry.failures[version]))
             if not entry.versions and not entry.failures and not entry.error:

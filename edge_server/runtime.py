@@ -140,6 +140,7 @@ class ModelRuntime:
             session = ort.InferenceSession(str(path), session_options, providers=providers)
         except Exception as err:  # onnxruntime raises several private exception types for bad files
             reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            reason = reason.replace(str(path), path.name)  # callers should not learn the server's paths
             raise Unavailable(f"model {name} version {version} cannot be loaded: {reason}") from None
         used = tuple(session.get_providers())
         if options.require_gpu and not any(p in GPU_PROVIDERS for p in used):

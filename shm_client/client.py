@@ -214,7 +214,12 @@ class EdgeClient:
         return True, ""
 
     # -- metadata --------------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EdgecowError("this EdgeClient is closed; make a new one", grpc.StatusCode.FAILED_PRECONDITION)
+
     def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
+        self._check_open()
         try:
             return method(request, timeout=timeout if timeout is not None else self.timeout)
         except grpc.RpcError as err:
@@ -321,6 +326,7 @@ class EdgeClient:
         `outputs` picks outputs (default: all). With `zero_copy=True` and the shm transport, outputs are
         views into shared memory in a ZeroCopyResult that must be released (or used in a `with`).
         """
+        self._check_open()
         arrays = {name: _as_array(name, value) for name, value in inputs.items()}
         version = "" if version is None else str(version)
         if self.transport == "shm":

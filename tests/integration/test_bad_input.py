@@ -300,15 +300,17 @@ def test_a_file_that_is_not_onnx_is_unavailable_with_a_reason_and_the_others_loa
 def test_a_corrupt_config_toml_is_named_in_the_reason(
     odd_server: ServerProcess, odd_stub: pb_grpc.GRPCInferenceServiceStub
 ) -> None:
-    config = odd_server.repo / "bad_config" / "config.toml"
+    # Named relative to the repository: callers learn which file to fix, not where the server keeps it.
+    config = "bad_config/config.toml"
     entry = _index(odd_stub)["bad_config"]
     assert entry.state == "UNAVAILABLE"
     assert f"configuration file {config} is not valid TOML" in entry.reason
+    assert str(odd_server.repo) not in entry.reason
     with pytest.raises(grpc.RpcError) as raised:
         odd_stub.ModelInfer(request(model="bad_config"), timeout=10)
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert str(config) in raised.value.details()
-    assert str(config) in odd_server.log
+    assert config in raised.value.details() and str(odd_server.repo) not in raised.value.details()
+    assert config in odd_server.log
     still_serving(odd_stub, "good")
 
 
@@ -318,7 +320,7 @@ def test_bad_values_and_unknown_keys_in_config_toml_are_named_in_the_reason(
     index = _index(odd_stub)
     policy = index["bad_policy"]
     assert policy.state == "UNAVAILABLE"
-    assert str(odd_server.repo / "bad_policy" / "config.toml") in policy.reason
+    assert "bad_policy/config.toml" in policy.reason and str(odd_server.repo) not in policy.reason
     assert "version_policy must be" in policy.reason and "{'latest': 0}" in policy.reason
     odd = index["odd_key"]
     assert odd.state == "UNAVAILABLE"

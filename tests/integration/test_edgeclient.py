@@ -183,8 +183,10 @@ def test_context_manager_closes_the_channel_and_removes_its_segments(server: Ser
     with EdgeClient(server.unix_target) as client:
         np.testing.assert_array_equal(client.infer("static", {"x": np.ones((4, 256), np.float32)})["y"], 3.0)
     assert _own_segments() == before
-    with pytest.raises(ValueError, match="closed"):
+    with pytest.raises(EdgecowError, match="closed") as err:
         client.infer("static", {"x": np.ones((4, 256), np.float32)})
+    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert client.ready() is False
     client.close()  # a second close is harmless
 
 
