@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -79,10 +79,14 @@ def to_contents_array(tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarr
     return array
 
 
-def to_infer_request(request: pb.ModelInferRequest, deadline: float | None = None) -> InferRequest:
+def to_infer_request(
+    request: pb.ModelInferRequest,
+    deadline: float | None = None,
+    raw_contents: Sequence[bytes | memoryview] | None = None,
+) -> InferRequest:
     """Pair raw entries with inputs in order, read shm references and typed contents."""
     inputs = []
-    raw = list(request.raw_input_contents)
+    raw = list(request.raw_input_contents) if raw_contents is None else list(raw_contents)
     uses_contents = False
     raw_users = 0
     for tensor in request.inputs:
@@ -125,9 +129,11 @@ def request_timeout(request: pb.ModelInferRequest) -> float | None:
     return value / 1e6 if value else None
 
 
-def from_infer_response(response: InferResponse) -> pb.ModelInferResponse:
-    """Every output gets one raw entry in order; an output in shared memory gets an empty one."""
+def from_infer_response(response: InferResponse) -> tuple[pb.ModelInferResponse, list[bytes | np.ndarray]]:
+    """The response message without its raw entries, and those entries: one per output in order, an
+    empty one for an output in shared memory. The arrays are not copied here; see shm_client.wire."""
     message = pb.ModelInferResponse(model_name=response.model, model_version=response.version, id=response.id)
+    raw: list[bytes | np.ndarray] = []
     for output in response.outputs:
         tensor = message.outputs.add(name=output.name, datatype=output.datatype, shape=output.shape)
         if output.array is None:
@@ -135,11 +141,18 @@ def from_infer_response(response: InferResponse) -> pb.ModelInferResponse:
             tensor.parameters[SHM_REGION].string_param = output.shm.region
             tensor.parameters[SHM_SIZE].int64_param = output.shm.byte_size
             tensor.parameters[SHM_OFFSET].int64_param = output.shm.offset
-            message.raw_output_contents.append(b"")
+            raw.append(b"")
         elif output.array.dtype == object:
-            message.raw_output_contents.append(datatypes.encode_bytes(output.array))
+            raw.append(datatypes.encode_bytes(output.array))
         else:
-            message.raw_output_contents.append(np.ascontiguousarray(output.array).tobytes())
+            raw.append(output.array)
+    return message, raw
+
+
+def to_full_response(message: pb.ModelInferResponse, raw: Sequence[bytes | np.ndarray]) -> pb.ModelInferResponse:
+    """The complete message (for the stream RPC, which goes through protobuf as usual)."""
+    for entry in raw:
+        message.raw_output_contents.append(entry if isinstance(entry, bytes) else np.ascontiguousarray(entry).tobytes())
     return message
 
 

@@ -38,6 +38,7 @@ from .shm import Region, RegionRegistry
 
 log = logging.getLogger(__name__)
 INT64_MAX = 2**63 - 1
+ALIGNMENT = 64  # onnxruntime's CPU allocator aligns to 64 bytes
 
 
 @dataclass(frozen=True)
@@ -352,7 +353,12 @@ class DataPlane:
             raise InvalidArgument(
                 f"{what} has {len(tensor.raw)} raw bytes but shape {list(shape)} of {dt.name} needs {expected}"
             )
-        return np.frombuffer(tensor.raw, dtype=dtype, count=count).reshape(shape)
+        array = np.frombuffer(tensor.raw, dtype=dtype, count=count).reshape(shape)
+        if array.ctypes.data % ALIGNMENT:
+            # A view into the received message sits wherever protobuf framing put it; onnxruntime's kernels
+            # take other (numerically different) paths for unaligned data, so it gets its own aligned copy.
+            return aligned_copy(array)
+        return array
 
     # -- outputs ---------------------------------------------------------------------------------------
     def _wanted_outputs(self, model: ModelRuntime, requested: list[RequestedOutput]) -> list[RequestedOutput]:
@@ -434,6 +440,15 @@ def _decode_bytes(buffer: bytes | memoryview, count: int, what: str) -> np.ndarr
         return datatypes.decode_bytes(buffer, count)
     except InvalidArgument as err:
         raise InvalidArgument(f"{what}: {err.message}") from None
+
+
+def aligned_copy(array: np.ndarray) -> np.ndarray:
+    """A copy of `array` whose data starts on an ALIGNMENT boundary, as onnxruntime's own buffers do."""
+    raw = np.empty(array.nbytes + ALIGNMENT, dtype=np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    out = raw[start : start + array.nbytes].view(array.dtype).reshape(array.shape)
+    out[...] = array
+    return out
 
 
 def element_count(shape: tuple[int, ...]) -> int:

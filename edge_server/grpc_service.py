@@ -23,8 +23,10 @@ from typing import Any
 import grpc
 import onnxruntime as ort
 import psutil
+from google.protobuf.message import DecodeError
 
 from edge_server import __version__
+from shm_client import wire
 from shm_client._proto import edgecow_pb2, edgecow_pb2_grpc
 from shm_client._proto import inference_pb2 as pb
 from shm_client._proto import inference_pb2_grpc as pb_grpc
@@ -193,27 +195,32 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return message
 
     # -- inference -------------------------------------------------------------------------------------
-    def _infer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:
+    def _infer(
+        self, request: pb.ModelInferRequest, context: grpc.ServicerContext, raw: list[memoryview] | None = None
+    ) -> tuple[pb.ModelInferResponse, list[Any]]:
         now = time.monotonic()
         limits = [context.time_remaining(), convert.request_timeout(request)]
         # A call without a deadline reports about 2^63 s remaining: that means none (a timer that long
         # cannot even start; it died with OverflowError on every such call).
         remaining = [t for t in limits if t is not None and t < threading.TIMEOUT_MAX]
         deadline = now + min(remaining) if remaining else None
-        infer_request = convert.to_infer_request(request, deadline)
+        infer_request = convert.to_infer_request(request, deadline, raw)
         response = self.state.plane.infer(infer_request, local=is_local_peer(context.peer()))
         return convert.from_infer_response(response)
 
     @handled
-    def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:
-        return self._infer(request, context)
+    def ModelInfer(self, request: SplitInferRequest, context: grpc.ServicerContext) -> Any:
+        if request.error:
+            raise InvalidArgument(request.error)
+        return self._infer(request.message, context, request.raw)
 
     def ModelStreamInfer(
         self, request_iterator: Iterator[pb.ModelInferRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.ModelStreamInferResponse]:
         for request in request_iterator:
             try:
-                yield pb.ModelStreamInferResponse(infer_response=self._infer(request, context))
+                response = convert.to_full_response(*self._infer(request, context))
+                yield pb.ModelStreamInferResponse(infer_response=response)
             except EdgecowError as err:
                 yield pb.ModelStreamInferResponse(
                     error_message=f"{err.code.name}: {err.message}",
@@ -386,7 +393,56 @@ class EdgecowServicer(edgecow_pb2_grpc.EdgecowServiceServicer):
         return response
 
 
+@dataclass
+class SplitInferRequest:
+    """A ModelInferRequest whose raw tensors were cut out as views into the received bytes."""
+
+    message: pb.ModelInferRequest
+    raw: list[memoryview]
+    error: str = ""
+
+
+def decode_infer_request(data: bytes) -> SplitInferRequest:
+    """ModelInfer's request deserializer: never raises (gRPC would answer INTERNAL), flags instead."""
+    try:
+        rest, raw = wire.split_field(data, wire.RAW_INPUT_FIELD)
+        return SplitInferRequest(pb.ModelInferRequest.FromString(rest), raw)
+    except (wire.WireError, DecodeError):
+        return SplitInferRequest(pb.ModelInferRequest(), [], "the request is not a well-formed ModelInferRequest")
+
+
+def encode_infer_response(response: tuple[pb.ModelInferResponse, list[Any]]) -> bytes:
+    message, raw = response
+    return wire.join_field(message.SerializeToString(), wire.RAW_OUTPUT_FIELD, raw)
+
+
+class _Captured:
+    """Stands in for a grpc.Server to collect the handlers the generated code would register."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.service, self.handlers = service, dict(handlers)
+
+
 def add_services(server: grpc.Server, state: ServerState) -> None:
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(state), server)
+    # The generated registration for the v2 service, with ModelInfer's codec swapped for one that
+    # leaves raw tensors out of protobuf (see shm_client.wire): the large-tensor path copies each
+    # tensor once instead of five or six times.
+    captured = _Captured()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(state), captured)
+    handlers = captured.handlers
+    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
+        handlers["ModelInfer"].unary_unary,
+        request_deserializer=decode_infer_request,
+        response_serializer=encode_infer_response,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(captured.service, handlers),))
+    server.add_registered_method_handlers(captured.service, handlers)
     edgecow_pb2_grpc.add_EdgecowServiceServicer_to_server(EdgecowServicer(state), server)
 

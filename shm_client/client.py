@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from . import datatypes
+from . import datatypes, wire
 from ._proto import edgecow_pb2, edgecow_pb2_grpc
 from ._proto import inference_pb2 as pb
 from ._proto import inference_pb2_grpc as pb_grpc
@@ -125,6 +125,13 @@ class EdgeClient:
             self._channel = grpc.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._edgecow = edgecow_pb2_grpc.EdgecowServiceStub(self._channel)
+        # ModelInfer with raw tensors kept out of protobuf's copies (see shm_client.wire); the wire
+        # format is the standard one, so any v2 server answers it.
+        self._model_infer = self._channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=_encode_request,
+            response_deserializer=_decode_response,
+        )
         self._requested = transport
         self._transport: str | None = None if transport != "grpc" else "grpc"
         self._lock = threading.Lock()
@@ -354,15 +361,10 @@ class EdgeClient:
         timeout: float | None,
     ) -> dict[str, np.ndarray]:
         request = self._request(model, version, arrays)
-        for array in arrays.values():
-            request.raw_input_contents.append(_to_raw(array))
         for name in outputs or ():
             request.outputs.add(name=name)
-        response = self._call(self._stub.ModelInfer, request, timeout)
-        return {
-            tensor.name: _from_raw(tensor, response.raw_output_contents[i])
-            for i, tensor in enumerate(response.outputs)
-        }
+        response, raw = self._call(self._model_infer, (request, [_to_raw(a) for a in arrays.values()]), timeout)
+        return {tensor.name: _from_raw(tensor, raw[i]) for i, tensor in enumerate(response.outputs)}
 
     def _infer_shm(
         self,
@@ -408,7 +410,9 @@ class EdgeClient:
                     raise
                 raise _ShmFailure(str(err)) from None
             try:
-                response = self._stub.ModelInfer(request, timeout=timeout if timeout is not None else self.timeout)
+                response, raw = self._model_infer(
+                    (request, []), timeout=timeout if timeout is not None else self.timeout
+                )
             except grpc.RpcError as err:
                 if err.code() in _FALLBACK_CODES and "shared" in (err.details() or ""):
                     self._forget_registrations()
@@ -419,7 +423,7 @@ class EdgeClient:
                 dt = datatypes.lookup(tensor.datatype)
                 segment = out_segments.get(tensor.name)
                 if segment is None:
-                    results[tensor.name] = _from_raw(tensor, response.raw_output_contents[i])
+                    results[tensor.name] = _from_raw(tensor, raw[i])
                     if not dt.variable_size:
                         self._sizes[(model, version, tensor.name, shapes)] = results[tensor.name].nbytes
                     continue
@@ -517,15 +521,28 @@ def _set_shm(params: Any, key: str, size: int, offset: int = 0) -> None:
         params["shared_memory_offset"].int64_param = offset
 
 
-def _to_raw(array: np.ndarray) -> bytes:
+def _to_raw(array: np.ndarray) -> bytes | np.ndarray:
+    """What goes on the wire for one input: little-endian and contiguous (wire.join_field copies it once)."""
     if array.dtype == object:
         return datatypes.encode_bytes(array)
-    return np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+    return np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False)
 
 
-def _from_raw(tensor: Any, raw: bytes) -> np.ndarray:
+def _from_raw(tensor: Any, raw: bytes | memoryview) -> np.ndarray:
+    """An output array over its raw bytes (a view into the response; copied only if misaligned)."""
     dt = datatypes.lookup(tensor.datatype)
     shape = tuple(tensor.shape)
     if dt.variable_size:
         return datatypes.decode_bytes(raw, datatypes.element_count(shape)).reshape(shape)
-    return np.frombuffer(raw, dtype=datatypes.numpy_dtype(dt)).reshape(shape)
+    array = np.frombuffer(raw, dtype=datatypes.numpy_dtype(dt)).reshape(shape)
+    return array.copy() if array.ctypes.data % max(array.itemsize, 1) else array
+
+
+def _encode_request(request: tuple[pb.ModelInferRequest, list[bytes | np.ndarray]]) -> bytes:
+    message, raw = request
+    return wire.join_field(message.SerializeToString(), wire.RAW_INPUT_FIELD, raw)
+
+
+def _decode_response(data: bytes) -> tuple[pb.ModelInferResponse, list[memoryview]]:
+    rest, raw = wire.split_field(data, wire.RAW_OUTPUT_FIELD)
+    return pb.ModelInferResponse.FromString(rest), raw
