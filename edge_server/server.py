@@ -215,11 +215,16 @@ class EdgecowServer:
             log.error("reload failed: %s", err)
         self.notifier.ready(self.summary())
 
-    def run(self, config_file: Path | None = None) -> None:
-        """Serve until SIGTERM or SIGINT; SIGHUP reloads."""
+    def handle_signals(self) -> None:
+        """SIGTERM/SIGINT stop, SIGHUP reloads. Installed before start(), so a signal that arrives right
+        after READY=1 drains the server instead of killing it (SIGTERM) or raising KeyboardInterrupt."""
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
         signal.signal(signal.SIGINT, lambda *_: self._stop.set())
         signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
+
+    def run(self, config_file: Path | None = None) -> None:
+        """Serve until SIGTERM or SIGINT; SIGHUP reloads."""
+        self.handle_signals()
         while not self._stop.is_set():
             if self._reload.wait(0.2):
                 self._reload.clear()
@@ -255,6 +260,7 @@ def serve(settings: Settings, config_file: Path | None = None) -> int:
     """Run a server with `settings` until it is told to stop; returns the exit code."""
     configure_logging(settings.log_level)
     server = EdgecowServer(settings)
+    server.handle_signals()
     try:
         server.start()
     except EdgecowError as err:

@@ -129,8 +129,15 @@ def encode_bytes(array: np.ndarray) -> bytes:
 def decode_bytes(buffer: bytes | memoryview, count: int) -> np.ndarray:
     """Parse `count` BYTES elements; INVALID_ARGUMENT if the buffer is truncated or has bytes left over."""
     view = memoryview(buffer)
-    items = np.empty(count, dtype=object)
     pos, end = 0, len(view)
+    # Every element has a 4-byte prefix: a shape that claims more elements than that allows is refused
+    # before the object array is allocated (a shape of 2^31 would otherwise ask for 16 GiB).
+    if count * _LEN.size > end:
+        raise InvalidArgument(
+            f"BYTES tensor is truncated: {count} elements need at least {count * _LEN.size} bytes of length "
+            f"prefixes but it has {end} bytes"
+        )
+    items = np.empty(count, dtype=object)
     for i in range(count):
         if pos + 4 > end:
             raise InvalidArgument(
