@@ -14,7 +14,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +66,29 @@ class RequestedOutput:
     shm: ShmRef | None = None
 
 
+class Cancellation:
+    """Set by the transport when the caller has gone; a run in progress is told to stop."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] = []
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def on_cancel(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            if not self.cancelled:
+                self._callbacks.append(callback)
+                return
+        callback()
+
+
 @dataclass
 class InferRequest:
     model: str
@@ -74,6 +97,7 @@ class InferRequest:
     inputs: list[InputTensor] = field(default_factory=list)
     outputs: list[RequestedOutput] = field(default_factory=list)
     deadline: float | None = None  # time.monotonic() value
+    cancellation: Cancellation | None = None
 
 
 @dataclass
@@ -268,7 +292,7 @@ class DataPlane:
             wanted = self._wanted_outputs(model, request.outputs)
             out_buffers = self._bound_outputs(model, wanted, feeds, region)
             t1 = time.monotonic_ns()
-            results = self._execute(model, feeds, [o.name for o in wanted], out_buffers, request.deadline)
+            results = self._execute(model, feeds, [o.name for o in wanted], out_buffers, request)
             t2 = time.monotonic_ns()
             outputs = [self._place(model.spec(o.name), o, results[o.name], out_buffers, region) for o in wanted]
             del feeds, results, out_buffers
@@ -282,14 +306,17 @@ class DataPlane:
         feeds: dict[str, np.ndarray],
         names: list[str],
         out_buffers: dict[str, np.ndarray],
-        deadline: float | None,
+        request: InferRequest,
     ) -> dict[str, np.ndarray]:
-        if deadline is None:
-            return model.run(feeds, names, out_buffers)
-        remaining = deadline - time.monotonic()
+        options = ort.RunOptions()
+        if request.cancellation is not None:
+            # A caller that went away (killed, or gave up) frees its model slot and regions at once.
+            request.cancellation.on_cancel(lambda: setattr(options, "terminate", True))
+        if request.deadline is None:
+            return model.run(feeds, names, out_buffers, options)
+        remaining = request.deadline - time.monotonic()
         if remaining <= 0:
             raise DeadlineExceeded("the call's deadline passed before the model ran")
-        options = ort.RunOptions()
         timer = threading.Timer(remaining, lambda: setattr(options, "terminate", True))
         timer.daemon = True
         timer.start()

@@ -34,7 +34,7 @@ from shm_client.errors import EdgecowError, InvalidArgument, NotFound, Permissio
 
 from . import convert
 from .config import Settings
-from .dataplane import DataPlane
+from .dataplane import Cancellation, DataPlane
 from .repository import ModelStore
 from .runtime import ModelRuntime
 from .shm import Beacon, RegionRegistry, probe_client_segment
@@ -205,6 +205,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         remaining = [t for t in limits if t is not None and t < threading.TIMEOUT_MAX]
         deadline = now + min(remaining) if remaining else None
         infer_request = convert.to_infer_request(request, deadline, raw)
+        if raw is not None:  # unary ModelInfer: the callback fires once, when this one call ends
+            infer_request.cancellation = Cancellation()
+            context.add_callback(infer_request.cancellation.cancel)
         response = self.state.plane.infer(infer_request, local=is_local_peer(context.peer()))
         return convert.from_infer_response(response)
 
