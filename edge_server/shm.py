@@ -267,7 +267,7 @@ def pid_alive(pid: int, created_before: float) -> bool:
 class Beacon:
     """The server's own segment that proves to a client that it sees the server's shared memory.
 
-    It holds random bytes whose hash the probe RPC returns; it is created at start (mode 0660,
+    It holds random bytes whose hash the probe RPC returns; it is created at start (mode 0640,
     reserved with posix_fallocate) and unlinked at stop. Segments of dead earlier servers go at start.
     """
 
@@ -281,7 +281,8 @@ class Beacon:
         token = secrets.token_bytes(self.SIZE)
         self.sha256 = hashlib.sha256(token).digest()
         try:
-            self.segment = Segment.create(f"{SERVER_PREFIX}{os.getpid()}-beacon", self.SIZE)
+            # 0640: clients of the group can read the proof but not overwrite (or hard-link) it.
+            self.segment = Segment.create(f"{SERVER_PREFIX}{os.getpid()}-beacon", self.SIZE, mode=0o640)
             self.segment.write(token)
         except (OSError, EdgecowError) as err:
             log.warning("cannot create the shared-memory beacon (%s); clients will use gRPC", err)

@@ -209,7 +209,7 @@ class EdgeClient:
         if not reply.matched:
             return False, reply.reason or "the server could not read this process's segment"
         try:
-            beacon = Segment.open(reply.beacon_key)
+            beacon = Segment.open(reply.beacon_key, read_only=True)
         except EdgecowError as err:
             return False, f"this process cannot read the server's segment ({err})"
         try:

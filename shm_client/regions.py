@@ -51,12 +51,13 @@ def _group_id(group: str | None) -> int | None:
 class Segment:
     """A POSIX shared-memory object mapped read-write in this process."""
 
-    def __init__(self, key: str, fd: int, size: int, created: bool) -> None:
+    def __init__(self, key: str, fd: int, size: int, created: bool, read_only: bool = False) -> None:
         self.key = key.lstrip("/")
         self.size = size
         self.created = created
         self._fd = fd
-        self._map: mmap.mmap | None = mmap.mmap(fd, size) if size else None
+        access = mmap.ACCESS_READ if read_only else mmap.ACCESS_WRITE
+        self._map: mmap.mmap | None = mmap.mmap(fd, size, access=access) if size else None
         self._address: int | None = None
         self._closed = False
 
@@ -95,18 +96,18 @@ class Segment:
             raise
 
     @classmethod
-    def open(cls, key: str) -> Segment:
-        """Map an existing segment whole, read-write."""
+    def open(cls, key: str, read_only: bool = False) -> Segment:
+        """Map an existing segment whole, read-write unless `read_only`."""
         key = key.lstrip("/")
         try:
-            shm = posix_ipc.SharedMemory("/" + key, 0)
+            shm = posix_ipc.SharedMemory("/" + key, 0, read_only=read_only)
         except posix_ipc.ExistentialError:
             raise NotFound(f"shared-memory object {key!r} does not exist") from None
         except posix_ipc.PermissionsError:
             raise PermissionDenied(f"no permission to open shared-memory object {key!r}") from None
         size = os.fstat(shm.fd).st_size
         try:
-            return cls(key, shm.fd, size, created=False)
+            return cls(key, shm.fd, size, created=False, read_only=read_only)
         except BaseException:
             os.close(shm.fd)
             raise

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import subprocess
@@ -233,3 +234,22 @@ def test_pool_discard_forgets_a_segment_whose_object_vanished() -> None:
         assert fresh is not segment and (SHM_DIR / fresh.key).exists()
     finally:
         pool.close()
+
+
+def test_server_beacon_is_readable_but_not_writable_by_the_group() -> None:
+    from edge_server.shm import Beacon
+
+    beacon = Beacon()
+    key = beacon.key
+    try:
+        assert beacon.segment is not None
+        info = os.stat(f"/dev/shm/{key}")
+        assert stat.S_IMODE(info.st_mode) == 0o640
+        seen = Segment.open(beacon.key, read_only=True)
+        try:
+            assert hashlib.sha256(bytes(seen.bytes_view(0, beacon.SIZE))).digest() == beacon.sha256
+        finally:
+            seen.close()
+    finally:
+        beacon.close()
+    assert not os.path.exists(f"/dev/shm/{key}")
