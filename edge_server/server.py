@@ -223,8 +223,7 @@ class EdgecowServer:
         signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
 
     def run(self, config_file: Path | None = None) -> None:
-        """Serve until SIGTERM or SIGINT; SIGHUP reloads."""
-        self.handle_signals()
+        """Serve until SIGTERM or SIGINT (see handle_signals); SIGHUP reloads."""
         while not self._stop.is_set():
             if self._reload.wait(0.2):
                 self._reload.clear()
