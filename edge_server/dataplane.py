@@ -81,6 +81,11 @@ class Cancellation:
         for callback in callbacks:
             callback()
 
+    def clear(self) -> None:
+        """Forget the callbacks once the work they would stop is over."""
+        with self._lock:
+            self._callbacks = []
+
     def on_cancel(self, callback: Callable[[], None]) -> None:
         with self._lock:
             if not self.cancelled:
@@ -312,18 +317,21 @@ class DataPlane:
         if request.cancellation is not None:
             # A caller that went away (killed, or gave up) frees its model slot and regions at once.
             request.cancellation.on_cancel(lambda: setattr(options, "terminate", True))
-        if request.deadline is None:
-            return model.run(feeds, names, out_buffers, options)
-        remaining = request.deadline - time.monotonic()
-        if remaining <= 0:
-            raise DeadlineExceeded("the call's deadline passed before the model ran")
-        timer = threading.Timer(remaining, lambda: setattr(options, "terminate", True))
-        timer.daemon = True
-        timer.start()
+        timer = None
+        if request.deadline is not None:
+            remaining = request.deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceeded("the call's deadline passed before the model ran")
+            timer = threading.Timer(remaining, lambda: setattr(options, "terminate", True))
+            timer.daemon = True
+            timer.start()
         try:
             return model.run(feeds, names, out_buffers, options)
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
+            if request.cancellation is not None:
+                request.cancellation.clear()
 
     # -- inputs ----------------------------------------------------------------------------------------
     def _feeds(self, model: ModelRuntime, inputs: list[InputTensor], region: Any) -> dict[str, np.ndarray]:
