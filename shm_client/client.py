@@ -38,6 +38,8 @@ log = logging.getLogger("edgecow.client")
 DEFAULT_TCP = "localhost:8001"
 TRANSPORTS = ("auto", "shm", "grpc")
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+_MAX_LEARNED_SIZES = 4096
+_SLOT_TOO_SMALL = "its shared-memory slot has"  # the server's words for an output slot that is too small
 _FALLBACK_CODES = {
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.PERMISSION_DENIED,
@@ -396,12 +398,15 @@ class EdgeClient:
                     segment.write(raw)
                     _set_shm(tensor.parameters, segment.key, size)
                 out_segments = {}
+                guessed = []  # output sizes taken from an earlier call rather than the model's shapes
                 names = list(outputs) if outputs else [o.name for o in meta.outputs]
                 specs = {o.name: o for o in meta.outputs}
                 for name in names:
                     request_output = request.outputs.add(name=name)
                     size = self._output_size(model, version, specs.get(name), shapes)
                     if size is not None:
+                        if any(d < 0 for d in specs[name].shape):
+                            guessed.append((model, version, name, shapes))
                         segment = self._segment(max(size, 1), lease)
                         _set_shm(request_output.parameters, segment.key, size)
                         out_segments[name] = segment
@@ -414,9 +419,16 @@ class EdgeClient:
                     (request, []), timeout=timeout if timeout is not None else self.timeout
                 )
             except grpc.RpcError as err:
-                if err.code() in _FALLBACK_CODES and "shared" in (err.details() or ""):
+                details = err.details() or ""
+                if err.code() in _FALLBACK_CODES and "shared" in details:
                     self._forget_registrations()
-                    raise _ShmFailure(err.details()) from None
+                    raise _ShmFailure(details) from None
+                if err.code() == grpc.StatusCode.INVALID_ARGUMENT and _SLOT_TOO_SMALL in details and guessed:
+                    # An output's size depends on the input values, not only on their shapes: forget the
+                    # guess; this call goes over gRPC and teaches the size again.
+                    for key in guessed:
+                        self._sizes.pop(key, None)
+                    raise _ShmFailure(details) from None
                 raise from_rpc_error(err) from None
             results: dict[str, np.ndarray] = {}
             for i, tensor in enumerate(response.outputs):
@@ -425,6 +437,8 @@ class EdgeClient:
                 if segment is None:
                     results[tensor.name] = _from_raw(tensor, raw[i])
                     if not dt.variable_size:
+                        if len(self._sizes) >= _MAX_LEARNED_SIZES:
+                            self._sizes.clear()
                         self._sizes[(model, version, tensor.name, shapes)] = results[tensor.name].nbytes
                     continue
                 view = segment.array(datatypes.numpy_dtype(dt), tuple(tensor.shape))
