@@ -180,7 +180,7 @@ def _status(args: argparse.Namespace) -> int:
     mib = 1 << 20
     print(f"edgecow {status.version} pid {status.process.pid}, up {status.process.uptime_seconds:.0f}s")
     print(f"  listening:  {', '.join(status.listeners)}")
-    print(f"  providers:  {', '.join(status.available_providers)} (available)")
+    print(f"  providers:  {', '.join(status.available_providers)} (usable on this machine)")
     shm = "on" if status.shared_memory_enabled else "off"
     print(f"  shm:        {shm}, {status.registered_regions} region(s), {status.mapped_bytes / mib:.1f} MiB mapped")
     proc, system = status.process, status.system

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-import onnxruntime as ort
 import psutil
 from google.protobuf.message import DecodeError
 
@@ -36,7 +35,7 @@ from . import convert
 from .config import Settings
 from .dataplane import Cancellation, DataPlane
 from .repository import ModelStore
-from .runtime import ModelRuntime
+from .runtime import ModelRuntime, usable_providers
 from .shm import Beacon, RegionRegistry, probe_client_segment
 
 log = logging.getLogger(__name__)
@@ -362,7 +361,7 @@ class EdgecowServicer(edgecow_pb2_grpc.EdgecowServiceServicer):
         response = edgecow_pb2.GetStatusResponse(
             version=__version__,
             listeners=state.listeners,
-            available_providers=ort.get_available_providers(),
+            available_providers=usable_providers(),
             registered_regions=len(state.registry),
             mapped_bytes=state.registry.mapped_bytes(),
             shared_memory_enabled=state.settings.shm_enabled,

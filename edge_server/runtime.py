@@ -79,6 +79,12 @@ def gpu_usable() -> bool:
     return "CUDAExecutionProvider" in session.get_providers()
 
 
+def usable_providers() -> list[str]:
+    """The execution providers of this onnxruntime that can really start here (GPU ones need a GPU)."""
+    gpu = gpu_usable()
+    return [p for p in ort.get_available_providers() if gpu or p not in GPU_PROVIDERS]
+
+
 def resolve_providers(requested: Sequence[str], require_gpu: bool) -> list[str]:
     """The provider list to ask onnxruntime for: 'auto' means CUDA when usable, then CPU."""
     available = ort.get_available_providers()
