@@ -66,6 +66,7 @@ class Settings:
     # Shared memory.
     shm_enabled: bool = True
     shm_allow_remote: bool = False
+    local_peers: list[str] = field(default_factory=lambda: ["unix", "loopback"])  # who counts as this machine
     shm_max_regions: int = 1024
     shm_max_mapped_bytes: int = 32 * 2**30
     shm_reap_interval: float = 2.0
@@ -165,6 +166,9 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"log level {settings.log_level!r} is not one of debug, info, warning, error, critical")
     if (settings.tls_cert is None) != (settings.tls_key is None):
         raise ConfigError("TLS needs both --tls-cert and --tls-key")
+    unknown = set(settings.local_peers) - {"unix", "loopback"}
+    if unknown:
+        raise ConfigError(f"local_peers may hold 'unix' and 'loopback', not {sorted(unknown)[0]!r}")
     for name in ("workers", "max_inflight_per_model", "shm_max_regions"):
         if getattr(settings, name) < 1:
             raise ConfigError(f"setting {name!r} must be at least 1")

@@ -16,7 +16,7 @@ import shutil
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,14 +65,17 @@ class ServerState:
     started: float = field(default_factory=time.time)
 
 
-def is_local_peer(peer: str) -> bool:
-    """unix sockets and loopback addresses count as this machine.
+def is_local_peer(peer: str, kinds: Sequence[str] = ("unix", "loopback")) -> bool:
+    """Whether a gRPC peer is on this machine: a unix socket ("unix" in `kinds`) or a loopback address
+    ("loopback" in `kinds`).
 
     gRPC percent-encodes the brackets of IPv6 peers ("ipv6:%5B::1%5D:5000"), so the host is unquoted
     before it is parsed.
     """
     if peer.startswith("unix:") or peer.startswith("unix-abstract:"):
-        return True
+        return "unix" in kinds
+    if "loopback" not in kinds:
+        return False
     kind, _, address = peer.partition(":")
     if kind not in ("ipv4", "ipv6"):
         return False
@@ -115,6 +118,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def __init__(self, state: ServerState) -> None:
         self.state = state
+
+    def _local(self, context: grpc.ServicerContext) -> bool:
+        return is_local_peer(context.peer(), self.state.settings.local_peers)
 
     # -- health ----------------------------------------------------------------------------------------
     @handled
@@ -207,7 +213,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if raw is not None:  # unary ModelInfer: the callback fires once, when this one call ends
             infer_request.cancellation = Cancellation()
             context.add_callback(infer_request.cancellation.cancel)
-        response = self.state.plane.infer(infer_request, local=is_local_peer(context.peer()))
+        response = self.state.plane.infer(infer_request, local=self._local(context))
         return convert.from_infer_response(response)
 
     @handled
@@ -271,14 +277,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise NotFound(f"repository {name!r} is not served here; leave repository_name empty")
 
     def _check_control(self, context: grpc.ServicerContext, action: str) -> None:
-        if not is_local_peer(context.peer()) and not self.state.settings.shm_allow_remote:
+        if not self._local(context) and not self.state.settings.shm_allow_remote:
             raise PermissionDenied(f"only callers on this machine may {action}")
 
     # -- system shared memory --------------------------------------------------------------------------
     def _check_shm(self, context: grpc.ServicerContext) -> None:
         if not self.state.settings.shm_enabled:
             raise Unimplemented("shared memory is disabled on this server; send tensors in the request")
-        if not self.state.settings.shm_allow_remote and not is_local_peer(context.peer()):
+        if not self.state.settings.shm_allow_remote and not self._local(context):
             raise PermissionDenied("shared memory can only be registered by callers on this machine")
 
     @handled
@@ -343,7 +349,7 @@ class EdgecowServicer(edgecow_pb2_grpc.EdgecowServiceServicer):
         if not state.settings.shm_enabled:
             response.reason = "shared memory is disabled on this server"
             return response
-        if not state.settings.shm_allow_remote and not is_local_peer(context.peer()):
+        if not state.settings.shm_allow_remote and not is_local_peer(context.peer(), state.settings.local_peers):
             response.reason = "the caller is not on this machine"
             return response
         matched, reason = probe_client_segment(request.key, request.token)

@@ -138,3 +138,9 @@ def test_values_out_of_range_are_refused(overrides: dict, says: str) -> None:
     with pytest.raises(ConfigError, match=says.replace("(", r"\(")):
         load_settings(overrides=overrides, environ={})
 
+
+
+def test_local_peers_accepts_unix_and_loopback_only() -> None:
+    assert load_settings(overrides={"local_peers": "unix"}, environ={}).local_peers == ["unix"]
+    with pytest.raises(ConfigError, match="local_peers"):
+        load_settings(overrides={"local_peers": "unix,lan"}, environ={})
