@@ -293,6 +293,7 @@ class DataPlane:
                     regions[name] = held.enter_context(self.registry.use(name))
                 return regions[name]
 
+            _check_no_overlap(request, region)
             feeds = self._feeds(model, request.inputs, region)
             wanted = self._wanted_outputs(model, request.outputs)
             out_buffers = self._bound_outputs(model, wanted, feeds, region)
@@ -475,6 +476,26 @@ def _decode_bytes(buffer: bytes | memoryview, count: int, what: str) -> np.ndarr
         return datatypes.decode_bytes(buffer, count)
     except InvalidArgument as err:
         raise InvalidArgument(f"{what}: {err.message}") from None
+
+
+def _check_no_overlap(request: InferRequest, region: Callable[[str], Region]) -> None:
+    """Refuse an output slot that shares bytes with an input or another output: onnxruntime would
+    overwrite data it has not read yet (or two outputs each other)."""
+    spans = []
+    for kind, items in (("input", request.inputs), ("output", request.outputs)):
+        for item in items:
+            if item.shm is not None and item.shm.byte_size:
+                held = region(item.shm.region)
+                start = held.offset + item.shm.offset
+                spans.append((held.key, start, start + item.shm.byte_size, kind, item.name))
+    for i, (key_a, start_a, end_a, kind_a, name_a) in enumerate(spans):
+        for key_b, start_b, end_b, kind_b, name_b in spans[i + 1 :]:
+            if kind_b != "output" or key_a != key_b or start_b >= end_a or start_a >= end_b:
+                continue
+            raise InvalidArgument(
+                f"{kind_a} {name_a!r} and {kind_b} {name_b!r} overlap in shared memory; give each output "
+                "its own bytes"
+            )
 
 
 def aligned_copy(array: np.ndarray) -> np.ndarray:

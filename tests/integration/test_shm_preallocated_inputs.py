@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 
 import numpy as np
+import pytest
 from conftest import ServerProcess
 
 from shm_client import EdgeClient
@@ -49,3 +50,39 @@ def test_empty_without_shared_memory_is_an_ordinary_array(server: ServerProcess)
         x[:] = 3
         assert not client._allocated
         np.testing.assert_array_equal(client.infer("scale", {"x": x}, version=1)["y"], x)
+
+
+def test_an_output_slot_overlapping_an_input_is_refused(server: ServerProcess) -> None:
+    import grpc
+
+    from shm_client._proto import inference_pb2 as pb
+    from shm_client._proto import inference_pb2_grpc as pb_grpc
+    from shm_client.regions import Segment, unique_key
+
+    segment = Segment.create(unique_key() + "-overlap", 8192)
+    try:
+        with grpc.insecure_channel(server.unix_target.replace("unix://", "unix:")) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            stub.SystemSharedMemoryRegister(
+                pb.SystemSharedMemoryRegisterRequest(name="ov", key=segment.key, byte_size=8192), timeout=10
+            )
+            try:
+                request = pb.ModelInferRequest(model_name="scale", model_version="1")
+                tensor = request.inputs.add(name="x", datatype="FP32", shape=[256])
+                tensor.parameters["shared_memory_region"].string_param = "ov"
+                tensor.parameters["shared_memory_byte_size"].int64_param = 1024
+                output = request.outputs.add(name="y")
+                output.parameters["shared_memory_region"].string_param = "ov"
+                output.parameters["shared_memory_byte_size"].int64_param = 1024
+                output.parameters["shared_memory_offset"].int64_param = 512
+                with pytest.raises(grpc.RpcError) as raised:
+                    stub.ModelInfer(request, timeout=10)
+                assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "overlap" in raised.value.details()
+                output.parameters["shared_memory_offset"].int64_param = 1024  # adjacent, not overlapping
+                stub.ModelInfer(request, timeout=10)
+            finally:
+                stub.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(name="ov"), timeout=10)
+    finally:
+        segment.close()
+        segment.unlink()
