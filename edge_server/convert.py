@@ -7,10 +7,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
-from shm_client import datatypes
+from shm_client import datatypes, wire
 from shm_client._proto import inference_pb2 as pb
 from shm_client.errors import InvalidArgument, Unimplemented
 
@@ -160,3 +163,26 @@ def to_tensor_metadata(target: pb.ModelMetadataResponse.TensorMetadata, spec: ob
     target.name = spec.name  # type: ignore[attr-defined]
     target.datatype = spec.datatype.name  # type: ignore[attr-defined]
     target.shape.extend(spec.shape)  # type: ignore[attr-defined]
+
+
+@dataclass
+class SplitInferRequest:
+    """A ModelInferRequest whose raw tensors were cut out as views into the received bytes."""
+
+    message: pb.ModelInferRequest
+    raw: list[memoryview]
+    error: str = ""
+
+
+def decode_infer_request(data: bytes) -> SplitInferRequest:
+    """ModelInfer's request deserializer: never raises (gRPC would answer INTERNAL), flags instead."""
+    try:
+        rest, raw = wire.split_field(data, wire.RAW_INPUT_FIELD)
+        return SplitInferRequest(pb.ModelInferRequest.FromString(rest), raw)
+    except (wire.WireError, DecodeError):
+        return SplitInferRequest(pb.ModelInferRequest(), [], "the request is not a well-formed ModelInferRequest")
+
+
+def encode_infer_response(response: tuple[pb.ModelInferResponse, list[Any]]) -> bytes:
+    message, raw = response
+    return wire.join_field(message.SerializeToString(), wire.RAW_OUTPUT_FIELD, raw)

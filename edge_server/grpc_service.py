@@ -22,10 +22,8 @@ from typing import Any
 
 import grpc
 import psutil
-from google.protobuf.message import DecodeError
 
 from edge_server import __version__
-from shm_client import wire
 from shm_client._proto import edgecow_pb2, edgecow_pb2_grpc
 from shm_client._proto import inference_pb2 as pb
 from shm_client._proto import inference_pb2_grpc as pb_grpc
@@ -217,7 +215,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return convert.from_infer_response(response)
 
     @handled
-    def ModelInfer(self, request: SplitInferRequest, context: grpc.ServicerContext) -> Any:
+    def ModelInfer(self, request: convert.SplitInferRequest, context: grpc.ServicerContext) -> Any:
         if request.error:
             raise InvalidArgument(request.error)
         return self._infer(request.message, context, request.raw)
@@ -401,29 +399,6 @@ class EdgecowServicer(edgecow_pb2_grpc.EdgecowServiceServicer):
         return response
 
 
-@dataclass
-class SplitInferRequest:
-    """A ModelInferRequest whose raw tensors were cut out as views into the received bytes."""
-
-    message: pb.ModelInferRequest
-    raw: list[memoryview]
-    error: str = ""
-
-
-def decode_infer_request(data: bytes) -> SplitInferRequest:
-    """ModelInfer's request deserializer: never raises (gRPC would answer INTERNAL), flags instead."""
-    try:
-        rest, raw = wire.split_field(data, wire.RAW_INPUT_FIELD)
-        return SplitInferRequest(pb.ModelInferRequest.FromString(rest), raw)
-    except (wire.WireError, DecodeError):
-        return SplitInferRequest(pb.ModelInferRequest(), [], "the request is not a well-formed ModelInferRequest")
-
-
-def encode_infer_response(response: tuple[pb.ModelInferResponse, list[Any]]) -> bytes:
-    message, raw = response
-    return wire.join_field(message.SerializeToString(), wire.RAW_OUTPUT_FIELD, raw)
-
-
 class _Captured:
     """Stands in for a grpc.Server to collect the handlers the generated code would register."""
 
@@ -447,8 +422,8 @@ def add_services(server: grpc.Server, state: ServerState) -> None:
     handlers = captured.handlers
     handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
         handlers["ModelInfer"].unary_unary,
-        request_deserializer=decode_infer_request,
-        response_serializer=encode_infer_response,
+        request_deserializer=convert.decode_infer_request,
+        response_serializer=convert.encode_infer_response,
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(captured.service, handlers),))
     server.add_registered_method_handlers(captured.service, handlers)
