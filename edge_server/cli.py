@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--require-gpu", action="store_true", default=None, help="fail to start without a GPU")
     serve.add_argument("--no-shm", dest="shm_enabled", action="store_false", default=None,
                        help="turn shared memory off (every client uses gRPC)")
+    serve.add_argument("--no-local-lane", dest="local_lane", action="store_false", default=None,
+                       help="do not offer shared-memory callers the local lane (they use gRPC for every call)")
     serve.add_argument("--shm-allow-remote", action="store_true", default=None,
                        help="let non-local peers register shared memory (only behind a trusted proxy)")
 
@@ -133,7 +135,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     overrides: dict[str, Any] = {key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, _, _) in
                                  SERVE_FLAGS.items()}
-    overrides.update(require_gpu=args.require_gpu, shm_enabled=args.shm_enabled,
+    overrides.update(require_gpu=args.require_gpu, shm_enabled=args.shm_enabled, local_lane=args.local_lane,
                      shm_allow_remote=args.shm_allow_remote)
     settings = load_settings(args.config, overrides)
     return serve(settings, args.config)

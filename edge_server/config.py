@@ -65,6 +65,7 @@ class Settings:
     max_queue_per_model: int = 64
     # Shared memory.
     shm_enabled: bool = True
+    local_lane: bool = True  # ModelInfer on a plain unix socket beside the gRPC one, for shm callers
     shm_allow_remote: bool = False
     local_peers: list[str] = field(default_factory=lambda: ["unix", "loopback"])  # who counts as this machine
     shm_max_regions: int = 1024

@@ -174,7 +174,7 @@ class SplitInferRequest:
     error: str = ""
 
 
-def decode_infer_request(data: bytes) -> SplitInferRequest:
+def decode_infer_request(data: bytes | bytearray) -> SplitInferRequest:
     """ModelInfer's request deserializer: never raises (gRPC would answer INTERNAL), flags instead."""
     try:
         rest, raw = wire.split_field(data, wire.RAW_INPUT_FIELD)

@@ -58,6 +58,7 @@ class ServerState:
     registry: RegionRegistry
     plane: DataPlane
     beacon: Beacon | None = None
+    lane_path: str = ""  # the local lane's socket, offered to callers whose shared memory is proven
     listeners: list[str] = field(default_factory=list)
     ready: bool = False
     started: float = field(default_factory=time.time)
@@ -70,7 +71,7 @@ def is_local_peer(peer: str, kinds: Sequence[str] = ("unix", "loopback")) -> boo
     gRPC percent-encodes the brackets of IPv6 peers ("ipv6:%5B::1%5D:5000"), so the host is unquoted
     before it is parsed.
     """
-    if peer.startswith("unix:") or peer.startswith("unix-abstract:"):
+    if peer_is_unix(peer):
         return "unix" in kinds
     if "loopback" not in kinds:
         return False
@@ -85,6 +86,10 @@ def is_local_peer(peer: str, kinds: Sequence[str] = ("unix", "loopback")) -> boo
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return ip.is_loopback
+
+
+def peer_is_unix(peer: str) -> bool:
+    return peer.startswith("unix:") or peer.startswith("unix-abstract:")
 
 
 def _abort(context: grpc.ServicerContext, err: EdgecowError) -> None:
@@ -353,6 +358,8 @@ class EdgecowServicer(edgecow_pb2_grpc.EdgecowServiceServicer):
         matched, reason = probe_client_segment(request.key, request.token)
         response.matched = matched
         response.reason = reason or ("" if matched else "the server read different bytes")
+        if matched and state.lane_path and peer_is_unix(context.peer()):
+            response.local_lane = state.lane_path
         if state.beacon is not None and state.beacon.segment is not None:
             response.beacon_key = state.beacon.key
             response.beacon_sha256 = state.beacon.sha256

@@ -30,6 +30,7 @@ from shm_client.errors import EdgecowError, FailedPrecondition
 from .config import Settings, load_settings
 from .dataplane import DataPlane
 from .grpc_service import ServerState, add_services
+from .local_lane import LocalLane
 from .repository import ModelStore, Repository
 from .runtime import gpu_usable
 from .shm import Beacon, RegionRegistry
@@ -91,6 +92,7 @@ class EdgecowServer:
         self._reload = threading.Event()
         self._watchdog: Watchdog | None = None
         self._housekeeper: threading.Thread | None = None
+        self.lane: LocalLane | None = None
 
     # -- start -----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -116,6 +118,7 @@ class EdgecowServer:
         self._bind(server)
         server.start()
         self.grpc = server
+        self._start_lane()
         self.state.ready = True
         for name in ("", *SERVICE_NAMES):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -164,6 +167,16 @@ class EdgecowServer:
             raise FailedPrecondition("neither a unix socket nor a TCP address to listen on; set --socket or --listen")
         for listener in self.state.listeners:
             log.info("listening on %s", listener)
+
+    def _start_lane(self) -> None:
+        settings = self.settings
+        if not (settings.local_lane and settings.shm_enabled and self.socket_path and "unix" in settings.local_peers):
+            return
+        path = self.socket_path.with_name(f"{self.socket_path.stem}-lane.sock")
+        self.lane = LocalLane(path, self.plane, settings)
+        self.lane.start()
+        self.state.lane_path = str(path.resolve())
+        log.info("local lane on %s", path)
 
     # -- running ---------------------------------------------------------------------------------------
     def summary(self) -> str:
@@ -241,6 +254,8 @@ class EdgecowServer:
         self.state.ready = False
         if not self.plane.drain(self.settings.grace_period):
             log.warning("grace period over with %d call(s) still running", self.plane.in_flight)
+        if self.lane is not None:
+            self.lane.stop()
         if self._watchdog is not None:
             self._watchdog.stop()
         self.store.stop()

@@ -31,6 +31,7 @@ from ._proto import edgecow_pb2, edgecow_pb2_grpc
 from ._proto import inference_pb2 as pb
 from ._proto import inference_pb2_grpc as pb_grpc
 from .errors import EdgecowError, InvalidArgument, from_rpc_error
+from .lane import LaneConnection
 from .regions import CLIENT_PREFIX, Segment, SegmentPool, process_alive, sweep_dead, unique_key
 
 log = logging.getLogger("edgecow.client")
@@ -38,6 +39,7 @@ log = logging.getLogger("edgecow.client")
 DEFAULT_TCP = "localhost:8001"
 TRANSPORTS = ("auto", "shm", "grpc")
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+_STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 _MAX_LEARNED_SIZES = 4096
 _SLOT_TOO_SMALL = "its shared-memory slot has"  # the server's words for an output slot that is too small
 _FALLBACK_CODES = {
@@ -140,6 +142,9 @@ class EdgeClient:
         self._pool = SegmentPool()
         self._registered: set[str] = set()
         self._allocated: dict[str, Segment] = {}
+        self._lane_path = ""  # the server's local lane, learned from the probe
+        self._lane_local = threading.local()
+        self._lane_connections: list[LaneConnection] = []
         self._metadata: dict[tuple[str, str], pb.ModelMetadataResponse] = {}
         self._sizes: dict[tuple, int] = {}
         self._warned = False
@@ -163,6 +168,10 @@ class EdgeClient:
             except grpc.RpcError:
                 pass  # the server drops registrations of vanished segments by itself
         self._registered.clear()
+        with self._lock:
+            connections, self._lane_connections = self._lane_connections, []
+        for conn in connections:
+            conn.close()
         self._finalizer()
         self._channel.close()
 
@@ -220,6 +229,7 @@ class EdgeClient:
             beacon.close()
         if hashlib.sha256(seen).digest() != reply.beacon_sha256:
             return False, "the server's segment holds other bytes than it says"
+        self._lane_path = reply.local_lane
         return True, ""
 
     # -- metadata --------------------------------------------------------------------------------------
@@ -415,21 +425,18 @@ class EdgeClient:
                     raise
                 raise _ShmFailure(str(err)) from None
             try:
-                response, raw = self._model_infer(
-                    (request, []), timeout=timeout if timeout is not None else self.timeout
-                )
-            except grpc.RpcError as err:
-                details = err.details() or ""
-                if err.code() in _FALLBACK_CODES and "shared" in details:
+                response, raw = self._invoke(request, timeout)
+            except EdgecowError as err:
+                if err.code in _FALLBACK_CODES and "shared" in err.message:
                     self._forget_registrations()
-                    raise _ShmFailure(details) from None
-                if err.code() == grpc.StatusCode.INVALID_ARGUMENT and _SLOT_TOO_SMALL in details and guessed:
+                    raise _ShmFailure(err.message) from None
+                if err.code == grpc.StatusCode.INVALID_ARGUMENT and _SLOT_TOO_SMALL in err.message and guessed:
                     # An output's size depends on the input values, not only on their shapes: forget the
                     # guess; this call goes over gRPC and teaches the size again.
                     for key in guessed:
                         self._sizes.pop(key, None)
-                    raise _ShmFailure(details) from None
-                raise from_rpc_error(err) from None
+                    raise _ShmFailure(err.message) from None
+                raise
             results: dict[str, np.ndarray] = {}
             for i, tensor in enumerate(response.outputs):
                 dt = datatypes.lookup(tensor.datatype)
@@ -450,6 +457,56 @@ class EdgeClient:
             return results
         finally:
             lease.release()
+
+    def _invoke(
+        self, request: pb.ModelInferRequest, timeout: float | None
+    ) -> tuple[pb.ModelInferResponse, list[memoryview]]:
+        """ModelInfer for a request whose tensors are in shared memory: on the local lane when the
+        server offered one, else gRPC. Raises EdgecowError with the server's status code."""
+        timeout = timeout if timeout is not None else self.timeout
+        conn = self._lane_connection()
+        if conn is not None:
+            if timeout is not None:  # the server enforces it as the v2 `timeout` parameter (µs)
+                request.parameters["timeout"].int64_param = max(1, int(timeout * 1e6))
+            try:
+                status, body = conn.call(_encode_request((request, [])), None if timeout is None else timeout + 5.0)
+            except TimeoutError:
+                self._drop_lane_connection(conn)
+                raise EdgecowError("the call did not finish in time", grpc.StatusCode.DEADLINE_EXCEEDED) from None
+            except OSError:
+                self._drop_lane_connection(conn)  # the server restarted or closed the lane: use gRPC
+            else:
+                if status == 0:
+                    return _decode_response(body)
+                raise EdgecowError(bytes(body).decode("utf-8", "replace"), _STATUS_BY_NUMBER.get(status))
+        try:
+            return self._model_infer((request, []), timeout=timeout)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    def _lane_connection(self) -> LaneConnection | None:
+        """This thread's connection to the local lane, made on first use; None without a lane."""
+        if not self._lane_path:
+            return None
+        conn = getattr(self._lane_local, "conn", None)
+        if conn is None:
+            try:
+                conn = LaneConnection(self._lane_path)
+            except OSError as err:
+                log.debug("local lane %s unusable (%s); using gRPC", self._lane_path, err)
+                self._lane_path = ""
+                return None
+            self._lane_local.conn = conn
+            with self._lock:
+                self._lane_connections.append(conn)
+        return conn
+
+    def _drop_lane_connection(self, conn: LaneConnection) -> None:
+        self._lane_local.conn = None
+        with self._lock:
+            if conn in self._lane_connections:
+                self._lane_connections.remove(conn)
+        conn.close()
 
     def _output_size(self, model: str, version: str, spec: Any, shapes: tuple) -> int | None:
         """Bytes to reserve for an output: exact for static shapes, else the size seen last time for
@@ -557,6 +614,6 @@ def _encode_request(request: tuple[pb.ModelInferRequest, list[bytes | np.ndarray
     return wire.join_field(message.SerializeToString(), wire.RAW_INPUT_FIELD, raw)
 
 
-def _decode_response(data: bytes) -> tuple[pb.ModelInferResponse, list[memoryview]]:
+def _decode_response(data: bytes | memoryview) -> tuple[pb.ModelInferResponse, list[memoryview]]:
     rest, raw = wire.split_field(data, wire.RAW_OUTPUT_FIELD)
     return pb.ModelInferResponse.FromString(rest), raw

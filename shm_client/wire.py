@@ -48,7 +48,7 @@ def encode_varint(value: int) -> bytes:
     return bytes(out)
 
 
-def split_field(data: bytes, field: int) -> tuple[bytes, list[memoryview]]:
+def split_field(data: bytes | bytearray | memoryview, field: int) -> tuple[bytes, list[memoryview]]:
     """Cut every top-level occurrence of length-delimited `field` out of an encoded message.
 
     Returns the message without them (ready for protobuf) and the payloads as views into `data`.

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _edgecow_pool.POOL.AddSerializedFile(b'\n\redgecow.proto\x12\nedgecow.v1\"6\n\x18ProbeSharedMemoryRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x0c\"\x81\x01\n\x19ProbeSharedMemoryResponse\x12\x0f\n\x07matched\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nbeacon_key\x18\x03 \x01(\t\x12\x15\n\rbeacon_sha256\x18\x04 \x01(\x0c\x12\x18\n\x10\x62\x65\x61\x63on_byte_size\x18\x05 \x01(\x04\"\x12\n\x10GetStatusRequest\"k\n\x0bLoadedModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tproviders\x18\x03 \x03(\t\x12\x17\n\x0finference_count\x18\x04 \x01(\x04\x12\x11\n\tin_flight\x18\x05 \x01(\x04\"\x82\x01\n\x0eProcessFigures\x12\x0b\n\x03pid\x18\x01 \x01(\x03\x12\x11\n\trss_bytes\x18\x02 \x01(\x04\x12\x13\n\x0b\x63pu_percent\x18\x03 \x01(\x01\x12\x0f\n\x07threads\x18\x04 \x01(\r\x12\x12\n\nopen_files\x18\x05 \x01(\r\x12\x16\n\x0euptime_seconds\x18\x06 \x01(\x01\"\xaa\x01\n\rSystemFigures\x12\x1a\n\x12memory_total_bytes\x18\x01 \x01(\x04\x12\x1e\n\x16memory_available_bytes\x18\x02 \x01(\x04\x12\x13\n\x0b\x63pu_percent\x18\x03 \x01(\x01\x12\x17\n\x0fshm_total_bytes\x18\x04 \x01(\x04\x12\x16\n\x0eshm_free_bytes\x18\x05 \x01(\x04\x12\x17\n\x0fload_average_1m\x18\x06 \x01(\x01\"\xa6\x02\n\x11GetStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x11\n\tlisteners\x18\x02 \x03(\t\x12\x1b\n\x13\x61vailable_providers\x18\x03 \x03(\t\x12\'\n\x06models\x18\x04 \x03(\x0b\x32\x17.edgecow.v1.LoadedModel\x12\x1a\n\x12registered_regions\x18\x05 \x01(\r\x12\x14\n\x0cmapped_bytes\x18\x06 \x01(\x04\x12+\n\x07process\x18\x07 \x01(\x0b\x32\x1a.edgecow.v1.ProcessFigures\x12)\n\x06system\x18\x08 \x01(\x0b\x32\x19.edgecow.v1.SystemFigures\x12\x1d\n\x15shared_memory_enabled\x18\t \x01(\x08\x32\xc0\x01\n\x0e\x45\x64gecowService\x12\x62\n\x11ProbeSharedMemory\x12$.edgecow.v1.ProbeSharedMemoryRequest\x1a%.edgecow.v1.ProbeSharedMemoryResponse\"\x00\x12J\n\tGetStatus\x12\x1c.edgecow.v1.GetStatusRequest\x1a\x1d.edgecow.v1.GetStatusResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _edgecow_pool.POOL.AddSerializedFile(b'\n\redgecow.proto\x12\nedgecow.v1\"6\n\x18ProbeSharedMemoryRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x0c\"\x95\x01\n\x19ProbeSharedMemoryResponse\x12\x0f\n\x07matched\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nbeacon_key\x18\x03 \x01(\t\x12\x15\n\rbeacon_sha256\x18\x04 \x01(\x0c\x12\x18\n\x10\x62\x65\x61\x63on_byte_size\x18\x05 \x01(\x04\x12\x12\n\nlocal_lane\x18\x06 \x01(\t\"\x12\n\x10GetStatusRequest\"k\n\x0bLoadedModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tproviders\x18\x03 \x03(\t\x12\x17\n\x0finference_count\x18\x04 \x01(\x04\x12\x11\n\tin_flight\x18\x05 \x01(\x04\"\x82\x01\n\x0eProcessFigures\x12\x0b\n\x03pid\x18\x01 \x01(\x03\x12\x11\n\trss_bytes\x18\x02 \x01(\x04\x12\x13\n\x0b\x63pu_percent\x18\x03 \x01(\x01\x12\x0f\n\x07threads\x18\x04 \x01(\r\x12\x12\n\nopen_files\x18\x05 \x01(\r\x12\x16\n\x0euptime_seconds\x18\x06 \x01(\x01\"\xaa\x01\n\rSystemFigures\x12\x1a\n\x12memory_total_bytes\x18\x01 \x01(\x04\x12\x1e\n\x16memory_available_bytes\x18\x02 \x01(\x04\x12\x13\n\x0b\x63pu_percent\x18\x03 \x01(\x01\x12\x17\n\x0fshm_total_bytes\x18\x04 \x01(\x04\x12\x16\n\x0eshm_free_bytes\x18\x05 \x01(\x04\x12\x17\n\x0fload_average_1m\x18\x06 \x01(\x01\"\xa6\x02\n\x11GetStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x11\n\tlisteners\x18\x02 \x03(\t\x12\x1b\n\x13\x61vailable_providers\x18\x03 \x03(\t\x12\'\n\x06models\x18\x04 \x03(\x0b\x32\x17.edgecow.v1.LoadedModel\x12\x1a\n\x12registered_regions\x18\x05 \x01(\r\x12\x14\n\x0cmapped_bytes\x18\x06 \x01(\x04\x12+\n\x07process\x18\x07 \x01(\x0b\x32\x1a.edgecow.v1.ProcessFigures\x12)\n\x06system\x18\x08 \x01(\x0b\x32\x19.edgecow.v1.SystemFigures\x12\x1d\n\x15shared_memory_enabled\x18\t \x01(\x08\x32\xc0\x01\n\x0e\x45\x64gecowService\x12\x62\n\x11ProbeSharedMemory\x12$.edgecow.v1.ProbeSharedMemoryRequest\x1a%.edgecow.v1.ProbeSharedMemoryResponse\"\x00\x12J\n\tGetStatus\x12\x1c.edgecow.v1.GetStatusRequest\x1a\x1d.edgecow.v1.GetStatusResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,17 +36,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROBESHAREDMEMORYREQUEST']._serialized_start=29
   _globals['_PROBESHAREDMEMORYREQUEST']._serialized_end=83
   _globals['_PROBESHAREDMEMORYRESPONSE']._serialized_start=86
-  _globals['_PROBESHAREDMEMORYRESPONSE']._serialized_end=215
-  _globals['_GETSTATUSREQUEST']._serialized_start=217
-  _globals['_GETSTATUSREQUEST']._serialized_end=235
-  _globals['_LOADEDMODEL']._serialized_start=237
-  _globals['_LOADEDMODEL']._serialized_end=344
-  _globals['_PROCESSFIGURES']._serialized_start=347
-  _globals['_PROCESSFIGURES']._serialized_end=477
-  _globals['_SYSTEMFIGURES']._serialized_start=480
-  _globals['_SYSTEMFIGURES']._serialized_end=650
-  _globals['_GETSTATUSRESPONSE']._serialized_start=653
-  _globals['_GETSTATUSRESPONSE']._serialized_end=947
-  _globals['_EDGECOWSERVICE']._serialized_start=950
-  _globals['_EDGECOWSERVICE']._serialized_end=1142
+  _globals['_PROBESHAREDMEMORYRESPONSE']._serialized_end=235
+  _globals['_GETSTATUSREQUEST']._serialized_start=237
+  _globals['_GETSTATUSREQUEST']._serialized_end=255
+  _globals['_LOADEDMODEL']._serialized_start=257
+  _globals['_LOADEDMODEL']._serialized_end=364
+  _globals['_PROCESSFIGURES']._serialized_start=367
+  _globals['_PROCESSFIGURES']._serialized_end=497
+  _globals['_SYSTEMFIGURES']._serialized_start=500
+  _globals['_SYSTEMFIGURES']._serialized_end=670
+  _globals['_GETSTATUSRESPONSE']._serialized_start=673
+  _globals['_GETSTATUSRESPONSE']._serialized_end=967
+  _globals['_EDGECOWSERVICE']._serialized_start=970
+  _globals['_EDGECOWSERVICE']._serialized_end=1162
 # @@protoc_insertion_point(module_scope)

@@ -16,18 +16,20 @@ class ProbeSharedMemoryRequest(_message.Message):
     def __init__(self, key: _Optional[str] = ..., token: _Optional[bytes] = ...) -> None: ...
 
 class ProbeSharedMemoryResponse(_message.Message):
-    __slots__ = ("matched", "reason", "beacon_key", "beacon_sha256", "beacon_byte_size")
+    __slots__ = ("matched", "reason", "beacon_key", "beacon_sha256", "beacon_byte_size", "local_lane")
     MATCHED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     BEACON_KEY_FIELD_NUMBER: _ClassVar[int]
     BEACON_SHA256_FIELD_NUMBER: _ClassVar[int]
     BEACON_BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_LANE_FIELD_NUMBER: _ClassVar[int]
     matched: bool
     reason: str
     beacon_key: str
     beacon_sha256: bytes
     beacon_byte_size: int
-    def __init__(self, matched: _Optional[bool] = ..., reason: _Optional[str] = ..., beacon_key: _Optional[str] = ..., beacon_sha256: _Optional[bytes] = ..., beacon_byte_size: _Optional[int] = ...) -> None: ...
+    local_lane: str
+    def __init__(self, matched: _Optional[bool] = ..., reason: _Optional[str] = ..., beacon_key: _Optional[str] = ..., beacon_sha256: _Optional[bytes] = ..., beacon_byte_size: _Optional[int] = ..., local_lane: _Optional[str] = ...) -> None: ...
 
 class GetStatusRequest(_message.Message):
     __slots__ = ()
