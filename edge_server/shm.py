@@ -177,9 +177,23 @@ class RegionRegistry:
         return [region]
 
     def unregister(self, name: str = "") -> None:
-        """Drop `name` (all when empty); unknown names succeed. Regions in use unmap when freed."""
+        """Drop `name`; unknown names succeed. Regions in use unmap when their calls end.
+
+        An empty name drops every region except those of EdgeClients (keys `edgecow-cli-<pid>-...`): the
+        protocol means "all of the caller's regions", and tritonclient's examples begin with an
+        unregister-all that would otherwise pull the regions out from under every other process.
+        EdgeClients unregister their own on close, and the reaper takes those of dead ones.
+        """
         with self._lock:
-            victims = list(self._regions.values()) if not name else [r for r in [self._regions.get(name)] if r]
+            if name:
+                victims = [r for r in [self._regions.get(name)] if r]
+            else:
+                victims = [r for r in self._regions.values() if not r.key.startswith(CLIENT_PREFIX)]
+        self._drop(victims)
+
+    def _drop(self, victims: list[Region]) -> None:
+        with self._lock:
+            victims = [r for r in victims if self._regions.get(r.name) is r]
             for region in victims:
                 del self._regions[region.name]
                 region.retired = True
@@ -243,7 +257,10 @@ class RegionRegistry:
         return dropped
 
     def close(self) -> None:
-        self.unregister("")
+        """Drop every region, whoever registered it (the server is stopping)."""
+        with self._lock:
+            victims = list(self._regions.values())
+        self._drop(victims)
 
 
 def pid_alive(pid: int, created_before: float) -> bool:

@@ -47,10 +47,16 @@ def _registered(target: str) -> set[str]:
         return set(stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest(), timeout=5).regions)
 
 
-def _unregister_all(target: str) -> None:
+def _unregister_all(target: str, prefix: str = "") -> None:
+    """Unregister-all; with `prefix`, also each region named so (unregister-all spares EdgeClients')."""
     with grpc.insecure_channel(target.replace("unix://", "unix:")) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         stub.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(name=""), timeout=5)
+        if prefix:
+            status = stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest(), timeout=5)
+            for name in status.regions:
+                if name.startswith(prefix):
+                    stub.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(name=name), timeout=5)
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +213,7 @@ def test_a_failed_shm_step_falls_back_to_grpc_with_one_warning(
         assert client.infer("add_sub", {"a": x, "b": x})["sum"].tolist() == (x + x).tolist()
         assert client.transport == "shm" and caplog.records == []
 
-        _unregister_all(server.unix_target)  # the server forgets the client's regions
+        _unregister_all(server.unix_target, prefix)  # the server forgets the client's regions
         np.testing.assert_array_equal(client.infer("add_sub", {"a": x, "b": x * 3})["sum"], x * 4)
         warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
         assert len(warnings) == 1 and "gRPC" in warnings[0].getMessage()
@@ -355,3 +361,16 @@ def test_a_new_client_sweeps_segments_of_dead_clients() -> None:
     # Any running server's reaper may get there first; either way a new client leaves no orphan behind.
     EdgeClient("unix:/nonexistent/edgecow.sock").close()
     assert not (SHM_DIR / key).exists()
+
+
+def test_unregister_all_spares_the_regions_of_edgecow_clients(server: ServerProcess) -> None:
+    """tritonclient's examples start with an unregister-all; it must not break other processes' clients."""
+    with EdgeClient(server.unix_target, transport="shm") as client:
+        prefix = _prefix(client)
+        x = random_array((1, 16), "float32")
+        client.infer("add_sub", {"a": x, "b": x})
+        before = {n for n in _registered(server.unix_target) if n.startswith(prefix)}
+        assert before
+        _unregister_all(server.unix_target)
+        assert {n for n in _registered(server.unix_target) if n.startswith(prefix)} == before
+        np.testing.assert_array_equal(client.infer("add_sub", {"a": x, "b": x})["sum"], x * 2)

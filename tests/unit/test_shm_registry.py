@@ -211,7 +211,13 @@ def test_status_and_unregister(registry: RegionRegistry, make_segment: MakeSegme
     registry.unregister("nope")  # unknown names succeed
     registry.unregister("a")
     assert [r.name for r in registry.status()] == ["b"]
+    registry.unregister("")  # EdgeClient regions (this segment's key) are left to their owner
+    assert [r.name for r in registry.status()] == ["b"]
+    other = make_segment(key=f"tritonstyle-{segment.key}")
+    registry.register("c", "/" + other.key, 0, 16)
     registry.unregister("")
+    assert [r.name for r in registry.status()] == ["b"]
+    registry.close()  # a stopping server drops everything
     assert len(registry) == 0 and registry.mapped_bytes() == 0
 
 
