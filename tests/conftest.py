@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -12,12 +13,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from onnx import TensorProto
+
+from shm_client.regions import Segment
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -171,3 +174,24 @@ def random_array(shape: tuple[int, ...], dtype: str, seed: int = 0) -> np.ndarra
         return rng.standard_normal(shape).astype(dtype)
     info = np.iinfo(dtype)
     return rng.integers(max(info.min, -1000), min(info.max, 1000), size=shape, dtype=dtype)
+
+
+@contextlib.contextmanager
+def owned_segments(prefix: str) -> Iterator[Callable[..., Segment]]:
+    """`make(suffix, size, fill=b"")` creates the segment `prefix + suffix`; all are closed and unlinked
+    when the block ends (each test suite passes its own prefix, so its leak checks see only its own)."""
+    made: list[Segment] = []
+
+    def make(suffix: str, size: int, fill: bytes = b"") -> Segment:
+        segment = Segment.create(prefix + suffix, size)
+        made.append(segment)
+        if fill:
+            segment.write(fill)
+        return segment
+
+    try:
+        yield make
+    finally:
+        for segment in made:
+            segment.close()
+            segment.unlink()

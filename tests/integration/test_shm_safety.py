@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 import psutil
 import pytest
-from conftest import ServerProcess
+from conftest import ServerProcess, owned_segments
 
 from shm_client import EdgeClient
 from shm_client._proto import edgecow_pb2, edgecow_pb2_grpc
@@ -90,18 +90,9 @@ def _shm(params, region: str, byte_size: int, offset: int | None = None) -> None
 
 
 @pytest.fixture
-def segments() -> Iterator[Callable[[str, int], Segment]]:
-    made: list[Segment] = []
-
-    def make(suffix: str, size: int = 3 * 4096) -> Segment:
-        segment = Segment.create(KEY_PREFIX + suffix, size)
-        made.append(segment)
-        return segment
-
-    yield make
-    for segment in made:
-        segment.close()
-        segment.unlink()
+def segments() -> Iterator[Callable[..., Segment]]:
+    with owned_segments(KEY_PREFIX) as make:
+        yield lambda suffix, size=3 * 4096: make(suffix, size)
     assert _our_entries() == []
 
 

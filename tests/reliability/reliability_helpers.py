@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import psutil
 import pytest
+from conftest import owned_segments
 
 from shm_client._proto import edgecow_pb2, edgecow_pb2_grpc
 from shm_client._proto import inference_pb2 as pb
@@ -88,14 +89,5 @@ def rpc_error(call: Callable[[], object]) -> grpc.RpcError | None:
 def segments_fixture() -> Iterator[Callable[..., Segment]]:
     """`segments(suffix, size)`: make_segment whose segments are closed and unlinked after the test.
     A test module imports `segments_fixture` to use it."""
-    made: list[Segment] = []
-
-    def _make(suffix: str, size: int, fill: bytes = b"") -> Segment:
-        segment = make_segment(suffix, size, fill)
-        made.append(segment)
-        return segment
-
-    yield _make
-    for segment in made:
-        segment.close()
-        segment.unlink()
+    with owned_segments(TEST_PREFIX) as make:
+        yield make

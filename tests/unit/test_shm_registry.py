@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 import grpc
 import numpy as np
 import pytest
+from conftest import owned_segments
 
 from edge_server.grpc_service import is_local_peer
 from edge_server.shm import RegionRegistry, normalize_key, probe_client_segment
@@ -27,17 +28,10 @@ MakeSegment = Callable[..., Segment]
 @pytest.fixture
 def make_segment() -> Iterator[MakeSegment]:
     """Segments the test owns (the client's side), removed afterwards."""
-    made: list[Segment] = []
-
-    def make(size: int = 8192, key: str | None = None) -> Segment:
-        segment = Segment.create(key or f"{unique_key()}-reg{len(made)}", size)
-        made.append(segment)
-        return segment
-
-    yield make
-    for segment in made:
-        segment.close()
-        segment.unlink()
+    base = unique_key()
+    counter = iter(range(1 << 30))
+    with owned_segments("") as make:
+        yield lambda size=8192, key=None: make(key or f"{base}-reg{next(counter)}", size)
 
 
 @pytest.fixture
