@@ -17,6 +17,7 @@ import signal
 import socket
 import stat
 import threading
+import time
 from concurrent import futures
 from pathlib import Path
 
@@ -88,8 +89,9 @@ class EdgecowServer:
         self.health = health.HealthServicer()
         self.grpc: grpc.Server | None = None
         self.socket_path: Path | None = None
-        self._stop = threading.Event()
-        self._reload = threading.Event()
+        self._stop = threading.Event()  # tells the server's own threads to end; set by stop()
+        self._stop_requested = False  # set by a signal handler (see handle_signals)
+        self._reload_requested = False
         self._watchdog: Watchdog | None = None
         self._housekeeper: threading.Thread | None = None
         self.lane: LocalLane | None = None
@@ -230,16 +232,29 @@ class EdgecowServer:
 
     def handle_signals(self) -> None:
         """SIGTERM/SIGINT stop, SIGHUP reloads. Installed before start(), so a signal that arrives right
-        after READY=1 drains the server instead of killing it (SIGTERM) or raising KeyboardInterrupt."""
-        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
-        signal.signal(signal.SIGINT, lambda *_: self._stop.set())
-        signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
+        after READY=1 drains the server instead of killing it (SIGTERM) or raising KeyboardInterrupt.
+
+        The handlers only set flags: a handler runs on the main thread between two bytecodes, and one
+        that took a lock (Event.set does) deadlocks when the signal lands while that lock is held, as a
+        second SIGTERM arriving during the first handler's Event.set did.
+        """
+
+        def request_stop(*_: object) -> None:
+            self._stop_requested = True
+
+        def request_reload(*_: object) -> None:
+            self._reload_requested = True
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+        signal.signal(signal.SIGHUP, request_reload)
 
     def run(self, config_file: Path | None = None) -> None:
         """Serve until SIGTERM or SIGINT (see handle_signals); SIGHUP reloads."""
-        while not self._stop.is_set():
-            if self._reload.wait(0.2):
-                self._reload.clear()
+        while not self._stop_requested:
+            time.sleep(0.1)
+            if self._reload_requested:
+                self._reload_requested = False
                 self.reload(config_file)
         self.stop()
 
