@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,12 +19,11 @@ from shm_client import datatypes, wire
 from shm_client._proto import inference_pb2 as pb
 from shm_client.errors import InvalidArgument, Unimplemented
 
-from .dataplane import InferRequest, InferResponse, InputTensor, RequestedOutput, ShmRef
+from .dataplane import INT64_MAX, InferRequest, InferResponse, InputTensor, RequestedOutput, ShmRef
 
 SHM_REGION = "shared_memory_region"
 SHM_OFFSET = "shared_memory_offset"
 SHM_SIZE = "shared_memory_byte_size"
-INT64_MAX = 2**63 - 1
 
 
 def _param_value(param: pb.InferParameter) -> object:
@@ -120,6 +121,15 @@ def to_infer_request(
         RequestedOutput(o.name, to_shm_ref(o.parameters, f"output {o.name!r}")) for o in request.outputs
     ]
     return InferRequest(request.model_name, request.model_version, request.id, inputs, outputs, deadline)
+
+
+def deadline_for(request: pb.ModelInferRequest, transport_remaining: float | None = None) -> float | None:
+    """The monotonic deadline of a call: the nearer of the v2 `timeout` parameter and the transport's
+    own (the gRPC deadline). A gRPC call without one reports about 2^63 s remaining, which means none
+    (a timer that long cannot even start)."""
+    limits = [transport_remaining, request_timeout(request)]
+    remaining = [t for t in limits if t is not None and t < threading.TIMEOUT_MAX]
+    return time.monotonic() + min(remaining) if remaining else None
 
 
 def request_timeout(request: pb.ModelInferRequest) -> float | None:

@@ -357,7 +357,7 @@ class DataPlane:
             raise InvalidArgument(f"{what} must be {spec.datatype.name}, not {dt.name}")
         dtype = datatypes.numpy_dtype(dt)
         shape = check_shape(spec, tensor.shape, what, self.settings.max_elements)
-        count = element_count(shape)
+        count = datatypes.element_count(shape)
         if not dt.variable_size and count * dt.itemsize > self.settings.max_tensor_bytes:
             raise ResourceExhausted(
                 f"{what} is {count * dt.itemsize} bytes; this server takes tensors up to "
@@ -507,13 +507,6 @@ def aligned_copy(array: np.ndarray) -> np.ndarray:
     return out
 
 
-def element_count(shape: tuple[int, ...]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
-
-
 def check_shape(spec: TensorSpec, shape: tuple[int, ...], what: str, max_elements: int) -> tuple[int, ...]:
     """`shape` after checking it against the model's spec and the server's element limit."""
     if any(dim < 0 for dim in shape):
@@ -525,7 +518,7 @@ def check_shape(spec: TensorSpec, shape: tuple[int, ...], what: str, max_element
     for got, want in zip(shape, spec.shape):
         if want >= 0 and got != want:
             raise InvalidArgument(f"{what} must have shape {_fmt(spec.shape)}, not {list(shape)}")
-    count = element_count(shape)
+    count = datatypes.element_count(shape)
     if count > INT64_MAX:
         raise InvalidArgument(f"{what} shape {list(shape)} has more elements than fit in 64 bits")
     if count > max_elements:

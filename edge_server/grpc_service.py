@@ -13,7 +13,6 @@ import ipaddress
 import logging
 import os
 import shutil
-import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
@@ -204,16 +203,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- inference -------------------------------------------------------------------------------------
     def _infer(
-        self, request: pb.ModelInferRequest, context: grpc.ServicerContext, raw: list[memoryview] | None = None
+        self,
+        request: pb.ModelInferRequest,
+        context: grpc.ServicerContext,
+        raw: list[memoryview] | None = None,
+        cancellable: bool = False,
     ) -> tuple[pb.ModelInferResponse, list[Any]]:
-        now = time.monotonic()
-        limits = [context.time_remaining(), convert.request_timeout(request)]
-        # A call without a deadline reports about 2^63 s remaining: that means none (a timer that long
-        # cannot even start; it died with OverflowError on every such call).
-        remaining = [t for t in limits if t is not None and t < threading.TIMEOUT_MAX]
-        deadline = now + min(remaining) if remaining else None
+        deadline = convert.deadline_for(request, context.time_remaining())
         infer_request = convert.to_infer_request(request, deadline, raw)
-        if raw is not None:  # unary ModelInfer: the callback fires once, when this one call ends
+        if cancellable:  # unary only: a stream's callback would fire once, when the whole stream ends
             infer_request.cancellation = Cancellation()
             context.add_callback(infer_request.cancellation.cancel)
         response = self.state.plane.infer(infer_request, local=self._local(context))
@@ -223,7 +221,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def ModelInfer(self, request: convert.SplitInferRequest, context: grpc.ServicerContext) -> Any:
         if request.error:
             raise InvalidArgument(request.error)
-        return self._infer(request.message, context, request.raw)
+        return self._infer(request.message, context, request.raw, cancellable=True)
 
     def ModelStreamInfer(
         self, request_iterator: Iterator[pb.ModelInferRequest], context: grpc.ServicerContext

@@ -15,7 +15,6 @@ import logging
 import os
 import socket
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -105,9 +104,7 @@ class LocalLane:
             split = convert.decode_infer_request(body)
             if split.error:
                 raise InvalidArgument(split.error)
-            timeout = convert.request_timeout(split.message)
-            deadline = None if timeout is None else time.monotonic() + timeout
-            request = convert.to_infer_request(split.message, deadline, split.raw)
+            request = convert.to_infer_request(split.message, convert.deadline_for(split.message), split.raw)
             response = self.plane.infer(request, local=True)
             encoded = convert.encode_infer_response(convert.from_infer_response(response))
         except EdgecowError as err:

@@ -26,7 +26,6 @@ import posix_ipc
 from .errors import NotFound, PermissionDenied, ResourceExhausted
 
 SHM_DIR = Path("/dev/shm")
-PAGE = mmap.PAGESIZE
 CLIENT_PREFIX = "edgecow-cli-"
 SERVER_PREFIX = "edgecow-srv-"
 _OWNED = re.compile(r"^edgecow-(cli|srv)-(\d+)-")
@@ -174,10 +173,6 @@ def _unlink_quietly(key: str) -> None:
 def unique_key(prefix: str = CLIENT_PREFIX) -> str:
     """A fresh segment name carrying this process's pid, so a reaper can tell when its owner died."""
     return f"{prefix}{os.getpid()}-{secrets.token_hex(6)}"
-
-
-def round_up(size: int, quantum: int = PAGE) -> int:
-    return max(quantum, -(-size // quantum) * quantum)
 
 
 class SegmentPool:

@@ -132,30 +132,28 @@ def bytes_elements(*items: bytes) -> bytes:
 
 # -- cases that need something made first -------------------------------------------------------------------
 @contextlib.contextmanager
-def shrunk_region(env: Env) -> Iterator[None]:
+def _registered(env: Env, suffix: str, name: str, shrink_to: int | None = None) -> Iterator[None]:
+    """A 4096-byte segment registered as `name` (and cut to `shrink_to` bytes afterwards), removed after."""
+    segment = make_segment(suffix, 4096)
+    env.segments[suffix] = segment
+    env.stub.SystemSharedMemoryRegister(register(name, "/" + segment.key, 0, 4096), timeout=10)
+    if shrink_to is not None:
+        os.ftruncate(segment.fd, shrink_to)
+    try:
+        yield
+    finally:
+        env.stub.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(name=name))
+        segment.close()
+        segment.unlink()
+
+
+def shrunk_region(env: Env) -> contextlib.AbstractContextManager[None]:
     """A region registered at 4096 bytes whose object the client then cuts to 16 bytes."""
-    segment = make_segment("shrink", 4096)
-    env.stub.SystemSharedMemoryRegister(register("battery-shrunk", "/" + segment.key, 0, 4096), timeout=10)
-    os.ftruncate(segment.fd, 16)
-    try:
-        yield
-    finally:
-        env.stub.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(name="battery-shrunk"))
-        segment.close()
-        segment.unlink()
+    return _registered(env, "shrink", "battery-shrunk", shrink_to=16)
 
 
-@contextlib.contextmanager
-def registered_twice(env: Env) -> Iterator[None]:
-    segment = make_segment("dup", 4096)
-    env.segments["dup"] = segment
-    env.stub.SystemSharedMemoryRegister(register("battery-dup", "/" + segment.key, 0, 4096), timeout=10)
-    try:
-        yield
-    finally:
-        env.stub.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(name="battery-dup"))
-        segment.close()
-        segment.unlink()
+def registered_twice(env: Env) -> contextlib.AbstractContextManager[None]:
+    return _registered(env, "dup", "battery-dup")
 
 
 @contextlib.contextmanager
