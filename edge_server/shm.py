@@ -75,6 +75,9 @@ class Region:
     offset: int
     byte_size: int
     segment: Segment
+    # (st_dev, st_ino) of the object at register time: two keys (a hard link) can name one object, so
+    # questions such as "do these regions overlap" are asked of the object, not of the key.
+    identity: tuple[int, int] = (0, 0)
     users: int = 0
     retired: bool = False
 
@@ -151,7 +154,8 @@ class RegionRegistry:
                     f"shared-memory object {key!r} is {segment.size} bytes, too small for offset {offset} + "
                     f"byte size {byte_size}"
                 )
-            region = Region(name, key, offset, byte_size, segment)
+            stat = os.fstat(segment.fd)
+            region = Region(name, key, offset, byte_size, segment, identity=(stat.st_dev, stat.st_ino))
             with self._lock:
                 if name in self._regions:
                     raise AlreadyExists(f"shared-memory region {name!r} is already registered")
