@@ -40,8 +40,9 @@ SERVE_FLAGS = {
     "--max-request-bytes": ("max_request_bytes", int, "largest gRPC request accepted"),
     "--max-tensor-bytes": ("max_tensor_bytes", int, "largest fixed-size input tensor in bytes"),
     "--max-elements": ("max_elements", int, "most elements one input tensor may have"),
-    "--local-peers": ("local_peers", str, "which callers count as this machine and may use shared memory: "
-                      "'unix,loopback' (default), 'unix', or 'loopback'"),
+    "--local-peers": ("local_peers", str, "which callers may use shared memory and repository control: "
+                      "'unix' (default: the socket's group), or 'unix,loopback' (any local user on 127.0.0.1 "
+                      "then acts with the server's rights; only where every local user is trusted)"),
     "--shm-max-regions": ("shm_max_regions", int, "registered shared-memory regions allowed (default: 1024)"),
     "--shm-max-mapped-bytes": ("shm_max_mapped_bytes", int, "bytes of registered shared memory the server "
                                "maps at most (default: 32 GiB)"),

@@ -67,7 +67,10 @@ class Settings:
     shm_enabled: bool = True
     local_lane: bool = True  # ModelInfer on a plain unix socket beside the gRPC one, for shm callers
     shm_allow_remote: bool = False
-    local_peers: list[str] = field(default_factory=lambda: ["unix", "loopback"])  # who counts as this machine
+    # Who may use shared memory and repository control. "unix": callers on the socket, whose mode (0660,
+    # the edgecow group) is how the server knows their rights. "loopback" would extend that to ANY local
+    # user who can reach 127.0.0.1, acting with the server's rights; opt in only where all are trusted.
+    local_peers: list[str] = field(default_factory=lambda: ["unix"])
     shm_max_regions: int = 1024
     shm_max_mapped_bytes: int = 32 * 2**30
     shm_reap_interval: float = 2.0

@@ -63,7 +63,7 @@ class ServerState:
     started: float = field(default_factory=time.time)
 
 
-def is_local_peer(peer: str, kinds: Sequence[str] = ("unix", "loopback")) -> bool:
+def is_local_peer(peer: str, kinds: Sequence[str] = ("unix",)) -> bool:
     """Whether a gRPC peer is on this machine: a unix socket ("unix" in `kinds`) or a loopback address
     ("loopback" in `kinds`).
 
@@ -293,6 +293,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         response = pb.SystemSharedMemoryStatusResponse()
         if not self.state.settings.shm_enabled:
             return response
+        self._check_shm(context)  # keys name other callers' objects: only for those who may use them
         for region in self.state.registry.status(request.name):
             status = response.regions[region.name]
             status.name = region.name
@@ -367,9 +368,11 @@ class EdgecowServicer(edgecow_pb2_grpc.EdgecowServiceServicer):
     @handled
     def GetStatus(self, request: edgecow_pb2.GetStatusRequest, context: grpc.ServicerContext) -> Any:
         state = self.state
+        local = is_local_peer(context.peer(), state.settings.local_peers)
         response = edgecow_pb2.GetStatusResponse(
             version=__version__,
-            listeners=state.listeners,
+            # A remote caller learns the TCP listeners it can already reach, not the socket path or the pid.
+            listeners=[addr for addr in state.listeners if local or not addr.startswith("unix:")],
             available_providers=usable_providers(),
             registered_regions=len(state.registry),
             mapped_bytes=state.registry.mapped_bytes(),
@@ -384,7 +387,7 @@ class EdgecowServicer(edgecow_pb2_grpc.EdgecowServiceServicer):
             )
         proc = psutil.Process()
         with proc.oneshot():
-            response.process.pid = proc.pid
+            response.process.pid = proc.pid if local else 0
             response.process.rss_bytes = proc.memory_info().rss
             response.process.cpu_percent = proc.cpu_percent(interval=None)
             response.process.threads = proc.num_threads()

@@ -28,6 +28,14 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.toml"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# A version is written in ASCII digits without a leading zero: str.isdigit() also passes superscripts,
+# circled and Arabic-Indic digits, and '01' would name version 1 a second way. 18 digits keep it inside int64.
+VERSION_PATTERN = re.compile(r"[1-9][0-9]{0,17}")
+
+
+def parse_version(text: str) -> int | None:
+    """The version `text` names, or None when it is not a canonical positive integer."""
+    return int(text) if VERSION_PATTERN.fullmatch(text) else None
 
 
 @dataclass(frozen=True)
@@ -126,8 +134,9 @@ class Repository:
             return []
         found = []
         for entry in model_dir.iterdir():
-            if entry.name.isdigit() and int(entry.name) > 0 and (entry / MODEL_FILE).is_file():
-                found.append(int(entry.name))
+            version = parse_version(entry.name)
+            if version is not None and (entry / MODEL_FILE).is_file():
+                found.append(version)
         return sorted(found)
 
     def latest_version(self, name: str) -> int | None:
@@ -186,7 +195,11 @@ class _Entry:
 
 
 class ModelStore:
-    """The loaded models. Reads are lock-free snapshots; loads and unloads serialise on one lock."""
+    """The loaded models. Reads are lock-free snapshots; loads and unloads serialise on one lock.
+
+    Writers never change the published dict: they build a new one and swap the reference, so a reader
+    that took `self._entries` once can iterate it while a load or unload runs.
+    """
 
     def __init__(
         self,
@@ -217,9 +230,12 @@ class ModelStore:
         versions = entry.versions
         if not version:
             return versions[max(versions)]
-        if not version.isdigit():
-            raise InvalidArgument(f"model version {version!r} is not a positive integer")
-        model = versions.get(int(version))
+        number = parse_version(version)
+        if number is None:
+            raise InvalidArgument(
+                f"model version {version[:32]!r} is not a positive integer in ASCII digits without leading zeros"
+            )
+        model = versions.get(number)
         if model is None:
             loaded = ", ".join(str(v) for v in sorted(versions))
             raise NotFound(f"model {name!r} has no loaded version {version}; loaded versions: {loaded}")
@@ -227,14 +243,16 @@ class ModelStore:
 
     def loaded(self) -> list[Any]:
         """Every loaded ModelRuntime, by name then version."""
-        return [entry.versions[v] for _, entry in sorted(self._entries.items()) for v in sorted(entry.versions)]
+        entries = self._entries
+        return [entry.versions[v] for _, entry in sorted(entries.items()) for v in sorted(entry.versions)]
 
     def index(self) -> list[ModelState]:
         """Every model on disk or loaded, with its state and, when unavailable, why."""
         states: list[ModelState] = []
-        names = set(self.repository.model_names()) | set(self._entries)
+        entries = self._entries
+        names = set(self.repository.model_names()) | set(entries)
         for name in sorted(names):
-            entry = self._entries.get(name)
+            entry = entries.get(name)
             on_disk = self.repository.versions(name)
             if entry is None:
                 states.append(ModelState(name, on_disk[-1] if on_disk else 0, "UNLOADED"))
@@ -275,8 +293,9 @@ class ModelStore:
 
     def unload(self, name: str) -> None:
         with self._lock:
-            if self._entries.pop(name, None) is None:
+            if name not in self._entries:
                 raise NotFound(f"model {name!r} is not loaded")
+            self._replace(name, None)
             self.generation += 1
             log.info("unloaded model %s", name)
 
@@ -288,7 +307,7 @@ class ModelStore:
                 names |= set(self.repository.model_names())
             for name in sorted(names):
                 if not (self.repository.root / name).is_dir():
-                    self._entries.pop(name, None)
+                    self._replace(name, None)
                     self.generation += 1
                     log.info("model %s left the repository; unloaded", name)
                     continue
@@ -339,9 +358,18 @@ class ModelStore:
             or new.error != old.error
             or new.failures != old.failures
         )
-        self._entries[name] = new  # one reference swap: readers see the old or the new entry whole
+        self._replace(name, new)  # readers see the old or the new entry whole
         if changed:
             self.generation += 1
+
+    def _replace(self, name: str, entry: _Entry | None) -> None:
+        """Publish a new dict with `name` set to `entry` (None removes it); the caller holds the lock."""
+        entries = dict(self._entries)
+        if entry is None:
+            entries.pop(name, None)
+        else:
+            entries[name] = entry
+        self._entries = entries
 
     # -- polling -----------------------------------------------------------------------------------
     def start_polling(self, interval: float) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,7 +147,7 @@ class ModelRuntime:
             session = ort.InferenceSession(str(path), session_options, providers=providers)
         except Exception as err:  # onnxruntime raises several private exception types for bad files
             reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-            reason = reason.replace(str(path), path.name)  # callers should not learn the server's paths
+            reason = strip_paths(reason)  # callers should not learn the server's paths
             raise Unavailable(f"model {name} version {version} cannot be loaded: {reason}") from None
         used = tuple(session.get_providers())
         if options.require_gpu and not any(p in GPU_PROVIDERS for p in used):
@@ -269,9 +270,18 @@ class ModelRuntime:
             raise InvalidArgument(f"model {self.name} rejected the inputs: {_short(str(err))}") from None
 
 
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])/(?:[^/\s'\"()\[\],:;]+/)*([^/\s'\"()\[\],:;]+)")
+
+
+def strip_paths(message: str) -> str:
+    """`message` with every absolute path cut to its last component (onnxruntime names the model file
+    and its external-data files by their full path)."""
+    return _ABSOLUTE_PATH.sub(r"\1", message)
+
+
 def _short(message: str) -> str:
     message = message.strip().splitlines()[-1] if message.strip() else message
-    return message.split(" : ", 2)[-1] if "ONNXRuntimeError" in message else message
+    return strip_paths(message.split(" : ", 2)[-1] if "ONNXRuntimeError" in message else message)
 
 
 def _strings_to_text(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -40,6 +40,13 @@ def client(url: str) -> Iterator[triton.InferenceServerClient]:
         yield c
 
 
+@pytest.fixture
+def local_client(server: ServerProcess) -> Iterator[triton.InferenceServerClient]:
+    """Repository control is for callers whose rights the server knows: those on the unix socket."""
+    with triton.InferenceServerClient(f"unix://{server.socket}") as c:
+        yield c
+
+
 def _input(name: str, array: np.ndarray, datatype: str) -> triton.InferInput:
     tensor = triton.InferInput(name, list(array.shape), datatype)
     tensor.set_data_from_numpy(array)
@@ -199,7 +206,8 @@ def test_repository_index_lists_every_model_as_ready(client: triton.InferenceSer
     assert all(m.state == "READY" for m in index.models)
 
 
-def test_unload_then_load_toggles_model_readiness(client: triton.InferenceServerClient) -> None:
+def test_unload_then_load_toggles_model_readiness(local_client: triton.InferenceServerClient) -> None:
+    client = local_client
     model = "add_sub_int32"
     assert client.is_model_ready(model)
     client.unload_model(model)
@@ -219,11 +227,21 @@ def test_unload_then_load_toggles_model_readiness(client: triton.InferenceServer
     np.testing.assert_array_equal(result.as_numpy("sum"), a * 2)
 
 
-def test_loading_a_model_that_is_not_in_the_repository_is_not_found(client: triton.InferenceServerClient) -> None:
+def test_loading_a_model_that_is_not_in_the_repository_is_not_found(
+    local_client: triton.InferenceServerClient,
+) -> None:
     with pytest.raises(InferenceServerException) as raised:
-        client.load_model("not_there")
+        local_client.load_model("not_there")
     assert raised.value.status() == "StatusCode.NOT_FOUND"
     assert "not_there" in raised.value.message()
+
+
+def test_a_loopback_caller_may_not_unload_models_by_default(server: ServerProcess) -> None:
+    with triton.InferenceServerClient(server.tcp_target) as remote:
+        with pytest.raises(InferenceServerException) as raised:
+            remote.unload_model("add_sub_int32")
+        assert raised.value.status() == "StatusCode.PERMISSION_DENIED"
+        assert remote.is_model_ready("add_sub_int32")
 
 
 def test_model_readiness_for_unknown_model_and_version_is_false(client: triton.InferenceServerClient) -> None:

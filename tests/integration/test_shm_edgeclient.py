@@ -107,8 +107,8 @@ def test_auto_picks_shared_memory_on_a_local_server(server: ServerProcess, clien
     assert clients["auto"].transport == "shm"
     assert clients["shm"].transport == "shm"
     assert clients["grpc"].transport == "grpc"
-    with EdgeClient(server.tcp_target) as over_loopback:
-        assert over_loopback.transport == "shm"
+    with EdgeClient(server.tcp_target) as over_loopback:  # loopback is remote by default
+        assert over_loopback.transport == "grpc"
         np.testing.assert_array_equal(over_loopback.infer("scale", {"x": np.ones(3, np.float32)}, version=1)["y"],
                                       np.ones(3, np.float32))
 

@@ -487,15 +487,17 @@ def test_unregister_during_inference_waits_for_the_call(
 
 def test_is_local_peer() -> None:
     """The decision behind every PERMISSION_DENIED above, for peer strings grpc produces."""
+    loopback_too = ("unix", "loopback")
     assert is_local_peer("unix:/run/edgecow/edgecow.sock")
     assert is_local_peer("unix-abstract:edgecow")
-    assert is_local_peer("ipv4:127.0.0.1:5000")
-    assert is_local_peer("ipv4:127.8.9.10:1")
-    assert is_local_peer("ipv6:[::1]:5000")
-    assert is_local_peer("ipv6:[::ffff:127.0.0.1]:5000")
-    assert not is_local_peer("ipv4:192.0.2.7:5000")
-    assert not is_local_peer("ipv4:10.127.0.1:5000")
-    assert not is_local_peer("ipv6:[2001:db8::1]:5000")
-    assert not is_local_peer("ipv6:[::ffff:10.0.0.1]:5000")
-    assert not is_local_peer("")
-    assert not is_local_peer("vsock:3:5000")
+    assert not is_local_peer("ipv4:127.0.0.1:5000")  # loopback is remote unless the operator opts in
+    assert is_local_peer("ipv4:127.0.0.1:5000", loopback_too)
+    assert is_local_peer("ipv4:127.8.9.10:1", loopback_too)
+    assert is_local_peer("ipv6:[::1]:5000", loopback_too)
+    assert is_local_peer("ipv6:[::ffff:127.0.0.1]:5000", loopback_too)
+    assert not is_local_peer("ipv4:192.0.2.7:5000", loopback_too)
+    assert not is_local_peer("ipv4:10.127.0.1:5000", loopback_too)
+    assert not is_local_peer("ipv6:[2001:db8::1]:5000", loopback_too)
+    assert not is_local_peer("ipv6:[::ffff:10.0.0.1]:5000", loopback_too)
+    assert not is_local_peer("", loopback_too)
+    assert not is_local_peer("vsock:3:5000", loopback_too)

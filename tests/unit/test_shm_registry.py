@@ -281,8 +281,14 @@ def test_probe_reads_the_callers_token(make_segment: MakeSegment) -> None:
     ["unix:/run/edgecow/edgecow.sock", "unix:", "unix-abstract:edgecow", "ipv4:127.0.0.1:5000", "ipv4:127.8.9.1:1",
      "ipv6:[::1]:5000", "ipv6:%5B::1%5D:5000", "ipv6:%5B::ffff:127.0.0.1%5D:5000"],
 )
-def test_local_peers(peer: str) -> None:
-    assert is_local_peer(peer)
+def test_local_peers_when_loopback_is_opted_in(peer: str) -> None:
+    assert is_local_peer(peer, ("unix", "loopback"))
+
+
+@pytest.mark.parametrize("peer", ["ipv4:127.0.0.1:5000", "ipv6:%5B::1%5D:5000", "ipv6:%5B::ffff:127.0.0.1%5D:5000"])
+def test_loopback_peers_are_remote_by_default(peer: str) -> None:
+    assert not is_local_peer(peer)
+    assert is_local_peer("unix:/run/edgecow/edgecow.sock")
 
 
 @pytest.mark.parametrize(
@@ -291,4 +297,4 @@ def test_local_peers(peer: str) -> None:
      "ipv6:%5Bfe80::1%25eth0%5D:5000", "ipv4:1270.0.0.1:5", "", "vsock:3:5000", "ipv4:localhost:5"],
 )
 def test_remote_peers(peer: str) -> None:
-    assert not is_local_peer(peer)
+    assert not is_local_peer(peer, ("unix", "loopback"))
