@@ -293,9 +293,13 @@ class DataPlane:
                     regions[name] = held.enter_context(self.registry.use(name))
                 return regions[name]
 
+            # Names first: a request can list any number of tensors, but once each must be one of the model's,
+            # at most one per model input and output is left for the region and pairwise work below.
+            _check_input_names(model, request.inputs)
+            wanted = self._wanted_outputs(model, request.outputs)
+            _check_deadline(request, "before its tensors were read")
             _check_no_overlap(request, region)
             feeds = self._feeds(model, request.inputs, region)
-            wanted = self._wanted_outputs(model, request.outputs)
             out_buffers = self._bound_outputs(model, wanted, feeds, region)
             t1 = time.monotonic_ns()
             results = self._execute(model, feeds, [o.name for o in wanted], out_buffers, request)
@@ -337,13 +341,9 @@ class DataPlane:
     # -- inputs ----------------------------------------------------------------------------------------
     def _feeds(self, model: ModelRuntime, inputs: list[InputTensor], region: Any) -> dict[str, np.ndarray]:
         feeds: dict[str, np.ndarray] = {}
-        for tensor in inputs:
+        for tensor in inputs:  # names were checked by _check_input_names
             spec = model.spec(tensor.name)
-            if spec is None or spec not in model.inputs:
-                known = ", ".join(s.name for s in model.inputs)
-                raise InvalidArgument(f"model {model.name!r} has no input {tensor.name!r}; its inputs are: {known}")
-            if tensor.name in feeds:
-                raise InvalidArgument(f"input {tensor.name!r} is given more than once")
+            assert spec is not None
             feeds[tensor.name] = self._input_array(spec, tensor, region)
         missing = [s.name for s in model.inputs if s.name not in feeds]
         if missing:
@@ -478,24 +478,65 @@ def _decode_bytes(buffer: bytes | memoryview, count: int, what: str) -> np.ndarr
         raise InvalidArgument(f"{what}: {err.message}") from None
 
 
+def _check_input_names(model: ModelRuntime, inputs: list[InputTensor]) -> None:
+    """Every input is one of the model's and is given once."""
+    seen: set[str] = set()
+    for tensor in inputs:
+        spec = model.spec(tensor.name)
+        if spec is None or spec not in model.inputs:
+            known = ", ".join(s.name for s in model.inputs)
+            raise InvalidArgument(f"model {model.name!r} has no input {tensor.name!r}; its inputs are: {known}")
+        if tensor.name in seen:
+            raise InvalidArgument(f"input {tensor.name!r} is given more than once")
+        seen.add(tensor.name)
+
+
+def _check_deadline(request: InferRequest, when: str) -> None:
+    if request.deadline is not None and time.monotonic() >= request.deadline:
+        raise DeadlineExceeded(f"the call's deadline passed {when}")
+
+
+@dataclass(frozen=True, order=True)
+class _Span:
+    """Bytes [start, end) of one object (by device and inode, so two keys or a hard link of one object
+    compare equal) that a tensor occupies."""
+
+    identity: tuple[int, int]
+    start: int
+    end: int
+    is_output: bool
+    what: str
+
+
 def _check_no_overlap(request: InferRequest, region: Callable[[str], Region]) -> None:
     """Refuse an output slot that shares bytes with an input or another output: onnxruntime would
-    overwrite data it has not read yet (or two outputs each other)."""
+    overwrite data it has not read yet (or two outputs each other). Inputs may share bytes.
+
+    One sort and one sweep per object: O(n log n) in the number of tensors.
+    """
     spans = []
-    for kind, items in (("input", request.inputs), ("output", request.outputs)):
+    for is_output, items in ((False, request.inputs), (True, request.outputs)):
         for item in items:
             if item.shm is not None and item.shm.byte_size:
                 held = region(item.shm.region)
                 start = held.offset + item.shm.offset
-                spans.append((held.key, start, start + item.shm.byte_size, kind, item.name))
-    for i, (key_a, start_a, end_a, kind_a, name_a) in enumerate(spans):
-        for key_b, start_b, end_b, kind_b, name_b in spans[i + 1 :]:
-            if kind_b != "output" or key_a != key_b or start_b >= end_a or start_a >= end_b:
-                continue
+                what = f"{'output' if is_output else 'input'} {item.name!r}"
+                spans.append(_Span(held.identity, start, start + item.shm.byte_size, is_output, what))
+    spans.sort()
+    reach: _Span | None = None  # of the spans so far on this object, the one that ends last
+    output_reach: _Span | None = None  # the same among outputs
+    for span in spans:
+        if reach is not None and reach.identity != span.identity:
+            reach = output_reach = None
+        other = reach if span.is_output else output_reach
+        if other is not None and span.start < other.end:
             raise InvalidArgument(
-                f"{kind_a} {name_a!r} and {kind_b} {name_b!r} overlap in shared memory; give each output "
-                "its own bytes"
+                f"{other.what} and {span.what} overlap in shared memory; give each output its own bytes"
             )
+        if reach is None or span.end > reach.end:
+            reach = span
+        if span.is_output and (output_reach is None or span.end > output_reach.end):
+            output_reach = span
 
 
 def aligned_copy(array: np.ndarray) -> np.ndarray:

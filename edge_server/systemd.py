@@ -200,6 +200,12 @@ socket = "/run/edgecow/edgecow.sock"
 # Remote callers: gRPC over TCP. "127.0.0.1:8001" keeps it on this machine.
 listen = "0.0.0.0:8001"
 
+# Callers that may use shared memory and load/unload models: "unix" = those on the socket above, limited to
+# the edgecow group by its mode. Adding "loopback" lets ANY local user who can reach 127.0.0.1 read and
+# overwrite other clients' shared memory and unload models with the server's rights: only on a box where
+# every local user is trusted.
+local_peers = ["unix"]
+
 log_level = "info"
 
 # Seconds calls in flight may take to finish after SIGTERM. Keep below TimeoutStopSec= in the unit (45).

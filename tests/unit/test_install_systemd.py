@@ -146,6 +146,7 @@ def test_default_config_holds_the_server_settings() -> None:
         "model_repository": "/var/lib/edgecow/models",
         "socket": "/run/edgecow/edgecow.sock",
         "listen": "0.0.0.0:8001",
+        "local_peers": ["unix"],
         "log_level": "info",
         "grace_period": 30.0,
         "poll_interval": 0,
@@ -162,6 +163,10 @@ def test_the_default_config_is_one_the_server_accepts(tmp_path: Path) -> None:
     assert settings.model_repository == Path("/var/lib/edgecow/models")
     assert settings.socket_path() == Path("/run/edgecow/edgecow.sock")
     assert (settings.listen, settings.grace_period, settings.poll_interval) == ("0.0.0.0:8001", 30.0, 0.0)
+    # Safe by default: only the group on the unix socket may use shared memory or control models, and the
+    # risk of widening that is written next to the setting.
+    assert settings.local_peers == ["unix"] and not settings.shm_allow_remote
+    assert "Adding \"loopback\" lets ANY local user" in DEFAULT_CONFIG
 
 
 def test_the_units_command_line_is_one_the_cli_accepts(tmp_path: Path) -> None:
