@@ -128,6 +128,7 @@ def build_repository(root: Path) -> Path:
     models.write_model(root, "mixed", 1, models.mixed_model())
     models.write_model(root, "strings", 1, models.string_model())
     models.write_model(root, "slow", 1, models.slow_model())
+    models.write_model(root, "gate", 1, models.gate_model())
     for dtype in ("FLOAT", "DOUBLE", "FLOAT16", "BOOL", "INT8", "INT16", "INT32", "INT64",
                   "UINT8", "UINT16", "UINT32", "UINT64", "STRING"):
         models.write_model(root, f"identity_{dtype.lower()}", 1, models.identity_model(getattr(TensorProto, dtype)))

@@ -150,6 +150,47 @@ def slow_model(size: int = 192) -> onnx.ModelProto:
     return _model(graph)
 
 
+def gate_model(max_rounds: int = 20_000_000) -> onnx.ModelProto:
+    """y = x, returned once the INT32 input `gate` holds a non-zero value.
+
+    A Loop re-reads `gate` every round, so a test that passes `gate` in shared memory (the server hands
+    onnxruntime a pointer into the region) holds the call in flight until it writes 1 there: no model
+    calibrated to be slow on today's CPU. `max_rounds` bounds a call whose test never opens the gate.
+    """
+    body = helper.make_graph(
+        [
+            helper.make_node("ReduceMax", ["gate"], ["level"], keepdims=0),
+            helper.make_node("Equal", ["level", "closed"], ["cond_out"]),
+            helper.make_node("Identity", ["acc_in"], ["acc_out"]),
+        ],
+        "wait",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, ["n"]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, ["n"]),
+        ],
+        initializer=[helper.make_tensor("closed", TensorProto.INT32, [], [0])],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["max_rounds", "true", "x"], ["y"], body=body)],
+        "gate",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"]),
+            helper.make_tensor_value_info("gate", TensorProto.INT32, [1]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])],
+        initializer=[
+            helper.make_tensor("max_rounds", TensorProto.INT64, [], [max_rounds]),
+            helper.make_tensor("true", TensorProto.BOOL, [], [True]),
+        ],
+    )
+    return _model(graph)
+
+
 def write_model(root: Path, name: str, version: int, model: onnx.ModelProto, config: str | None = None) -> Path:
     """Save `model` as root/name/version/model.onnx (and root/name/config.toml if given)."""
     target = Path(root) / name / str(version) / "model.onnx"

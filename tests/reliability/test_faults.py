@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, ServerProcess
+from conftest import REPO_ROOT, ServerProcess, owned_segments
 from reliability_helpers import SHM_DIR, in_flight, our_shm_entries, registered_names, v2_stub
 
 from shm_client import EdgeClient
@@ -114,7 +114,9 @@ def test_server_killed_then_restarted_removes_its_old_segments(model_repo: Path,
 def test_sigterm_lets_calls_in_flight_finish(
     model_repo: Path, tmp_path: Path, wait_until: Callable[..., Any]
 ) -> None:
-    server = ServerProcess(model_repo, tmp_path, "--models", "slow").start()
+    """Three calls held in the `gate` model (two over gRPC, one on the lane) until SIGTERM has started the
+    drain; then the test opens the gates and every call must still get its answer."""
+    server = ServerProcess(model_repo, tmp_path, "--models", "gate").start()
     stub = v2_stub(server.unix_target)
     client = EdgeClient(server.unix_target, transport="shm")
     x = np.arange(512, dtype=np.float32)
@@ -127,23 +129,41 @@ def test_sigterm_lets_calls_in_flight_finish(
             results[name] = err
 
     def raw() -> np.ndarray:
-        reply = stub.ModelInfer(slow_request(8000, x), timeout=60)
+        request = pb.ModelInferRequest(model_name="gate")
+        request.inputs.add(name="x", datatype="FP32", shape=x.shape)
+        request.raw_input_contents.append(x.tobytes())
+        gate_input = request.inputs.add(name="gate", datatype="INT32", shape=[1])
+        gate_input.parameters["shared_memory_region"].string_param = "sigterm-gate"
+        gate_input.parameters["shared_memory_byte_size"].int64_param = 4
+        reply = stub.ModelInfer(request, timeout=60)
         return np.frombuffer(reply.raw_output_contents[0], np.float32)
 
-    threads = [threading.Thread(target=call, args=(f"grpc{i}", raw)) for i in range(2)]
-    threads.append(threading.Thread(target=call, args=("shm", lambda: client.infer(
-        "slow", {"x": x, "iterations": np.array(8000, np.int64)}, timeout=60)["y"])))
-    try:
-        for thread in threads:
-            thread.start()
-        assert wait_until(lambda: in_flight(server.unix_target, "slow") == 3, interval=0.005)
-        server.signal(signal.SIGTERM)
-        for thread in threads:
-            thread.join(60)
-        assert server.wait(60) == 0
-    finally:
-        server.kill()
-        client.close()
+    with owned_segments(f"faults-{os.getpid()}-") as make:
+        gate = make("gate", 4096)
+        stub.SystemSharedMemoryRegister(
+            pb.SystemSharedMemoryRegisterRequest(name="sigterm-gate", key="/" + gate.key, byte_size=4), timeout=10
+        )
+        client_gate = client.empty((1,), np.int32)  # passed by reference: the server reads it in place
+        client_gate[0] = 0
+        threads = [threading.Thread(target=call, args=(f"grpc{i}", raw)) for i in range(2)]
+        threads.append(threading.Thread(target=call, args=("shm", lambda: client.infer(
+            "gate", {"x": x, "gate": client_gate}, timeout=60)["y"])))
+        try:
+            for thread in threads:
+                thread.start()
+            assert wait_until(lambda: in_flight(server.unix_target, "gate") == 3, timeout=60)
+            server.signal(signal.SIGTERM)
+            assert wait_until(lambda: "stopping:" in server.log, timeout=60)
+            gate.write(np.ones(1, np.int32))
+            client_gate[0] = 1
+            for thread in threads:
+                thread.join(60)
+            assert server.wait(60) == 0
+        finally:
+            gate.write(np.ones(1, np.int32))
+            client_gate[0] = 1
+            server.kill()
+            client.close()
     for name, value in results.items():
         assert isinstance(value, np.ndarray), f"{name}: {value!r}"
         np.testing.assert_array_equal(value, x)
