@@ -4,15 +4,19 @@
     registry.register("in0", "/my_key", offset=0, byte_size=4096)
     with registry.use("in0") as region: view = region.view(0, 16, np.float32, (4,))   # no copy
 
-A region is mapped once at register time. Every access is bounds-checked against the object's size
-as it is now (fstat per use), so a client that shrinks its object gets INVALID_ARGUMENT instead of
-killing the server with SIGBUS. Unregistering a region a call is using retires it at once and unmaps
-it when that call ends.
+A region is mapped once at register time, its range reserved with posix_fallocate (a sparse object
+larger than the free room of /dev/shm is RESOURCE_EXHAUSTED, not a SIGBUS later) and its mapping put
+under the SIGBUS guard (_sigbus_guard.c) until it is unmapped. Every use is bounds-checked against the
+object's size as it is then (fstat), so a client that shrank its object between calls gets
+INVALID_ARGUMENT; one that shrinks it during a call makes the guard swap zero pages in, and the call
+fails with ABORTED when it releases the region, which is retired. Unregistering a region a call is
+using retires it at once and unmaps it when that call ends.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -25,16 +29,35 @@ import numpy as np
 import psutil
 
 from shm_client.errors import (
+    Aborted,
     AlreadyExists,
     EdgecowError,
     InvalidArgument,
     NotFound,
     PermissionDenied,
     ResourceExhausted,
+    Unavailable,
 )
-from shm_client.regions import CLIENT_PREFIX, SERVER_PREFIX, Segment, owner_pid, sweep_dead
+from shm_client.regions import (
+    CLIENT_PREFIX,
+    PID_MAX_LIMIT,
+    SERVER_PREFIX,
+    Segment,
+    open_object,
+    owner_pid,
+    sweep_dead,
+)
+
+try:
+    from . import _sigbus_guard
+except ImportError:  # pip builds it (pyproject ext-modules); missing only in a copied or broken install
+    _sigbus_guard = None
 
 log = logging.getLogger(__name__)
+NO_GUARD = (
+    "edge_server._sigbus_guard is not built, so shared memory is refused (a caller could crash the "
+    "server with SIGBUS); reinstall edgecow where a C compiler and the Python headers are present"
+)
 
 MAX_KEY_LENGTH = 255  # NAME_MAX for /dev/shm entries
 MAX_NAME_LENGTH = 255
@@ -46,8 +69,13 @@ def normalize_key(key: str) -> str:
     stripped = key.lstrip("/")
     if not stripped:
         raise InvalidArgument("shared-memory key is empty; give the object's name, e.g. '/my_region'")
-    if len(stripped) > MAX_KEY_LENGTH:
-        raise InvalidArgument(f"shared-memory key is {len(stripped)} characters long; the limit is {MAX_KEY_LENGTH}")
+    size = len(stripped.encode("utf-8", "surrogatepass"))
+    if size > MAX_KEY_LENGTH:
+        # The kernel's NAME_MAX counts bytes: 200 two-byte characters are too long too.
+        raise InvalidArgument(
+            f"shared-memory key is {size} bytes long in UTF-8 ({len(stripped)} characters); the limit is "
+            f"{MAX_KEY_LENGTH} bytes"
+        )
     if "/" in stripped:
         raise InvalidArgument("shared-memory key may not contain '/' after its leading slash")
     if stripped in {".", ".."} or ".." in stripped:
@@ -80,6 +108,29 @@ class Region:
     identity: tuple[int, int] = (0, 0)
     users: int = 0
     retired: bool = False
+    guard_slot: int | None = None
+
+    @property
+    def faulted(self) -> bool:
+        """True once an access hit a page the object no longer backs (it shrank, or lost pages, while
+        mapped): the mapping shows zero pages since, not the object, so the region cannot serve again.
+        One flag read; asked while a call holds the region, so the slot cannot be let go meanwhile."""
+        slot = self.guard_slot
+        return slot is not None and _sigbus_guard.faulted(slot)
+
+    def guard(self) -> None:
+        try:
+            self.guard_slot = _sigbus_guard.guard(self.segment.address(), self.segment.size)
+        except MemoryError:
+            raise ResourceExhausted("the server guards as many shared-memory mappings as it can; "
+                                    "unregister regions first") from None
+
+    def close(self) -> None:
+        """Stop guarding and unmap (no call may be using the region)."""
+        if self.guard_slot is not None:
+            _sigbus_guard.unguard(self.guard_slot)
+            self.guard_slot = None
+        self.segment.close()
 
     def check(self, offset: int, size: int, what: str) -> int:
         """The absolute offset of [offset, offset + size) in the object, after checking it fits the
@@ -125,8 +176,11 @@ class RegionRegistry:
         self.max_regions = max_regions
         self.max_mapped_bytes = max_mapped_bytes
         self._regions: dict[str, Region] = {}
+        self._mapped = 0  # sum of the sizes in _regions, kept under the lock so readers never iterate
         self._lock = threading.Lock()
         self._alive = alive or pid_alive
+        if _sigbus_guard is None:
+            log.error(NO_GUARD)
 
     # -- the three RPCs --------------------------------------------------------------------------------
     def register(self, name: str, key: str, offset: int, byte_size: int) -> Region:
@@ -138,38 +192,47 @@ class RegionRegistry:
             raise InvalidArgument("shared-memory offset or byte size is out of range")
         if byte_size == 0:
             raise InvalidArgument("shared-memory byte_size is 0; register the bytes the region will hold")
-        with self._lock:
-            if name in self._regions:
-                raise AlreadyExists(
-                    f"shared-memory region {name!r} is already registered; unregister it first or pick another name"
-                )
-            if len(self._regions) >= self.max_regions:
-                raise ResourceExhausted(
-                    f"the server already holds {self.max_regions} shared-memory regions; unregister some first"
-                )
-        segment = Segment.open(key)
+        if _sigbus_guard is None:
+            raise Unavailable("shared memory is unavailable on this server; send the tensors in the request")
+        region = Region(name, key, offset, byte_size, Segment.open(key))
         try:
-            if offset + byte_size > segment.size:
+            size = region.segment.size
+            if offset + byte_size > size:
                 raise InvalidArgument(
-                    f"shared-memory object {key!r} is {segment.size} bytes, too small for offset {offset} + "
+                    f"shared-memory object {key!r} is {size} bytes, too small for offset {offset} + "
                     f"byte size {byte_size}"
                 )
-            stat = os.fstat(segment.fd)
-            region = Region(name, key, offset, byte_size, segment, identity=(stat.st_dev, stat.st_ino))
             with self._lock:
-                if name in self._regions:
-                    raise AlreadyExists(f"shared-memory region {name!r} is already registered")
-                if self.mapped_bytes() + segment.size > self.max_mapped_bytes:
-                    raise ResourceExhausted(
-                        f"mapping {segment.size} more bytes would pass the server's limit of "
-                        f"{self.max_mapped_bytes} mapped bytes; unregister regions first"
-                    )
+                self._check_room(name, size)  # before reserving pages for a region that could not go in
+            _reserve(region.segment.fd, offset, byte_size)  # outside the lock: it may take a while
+            stat = os.fstat(region.segment.fd)
+            region.identity = (stat.st_dev, stat.st_ino)
+            region.guard()
+            with self._lock:
+                # Checked again where the region goes in: concurrent registers all passed the first check.
+                self._check_room(name, size)
                 self._regions[name] = region
+                self._mapped += size
         except BaseException:
-            segment.close()
+            region.close()
             raise
         log.debug("registered shm region %s (%d bytes at %d)", name, byte_size, offset)
         return region
+
+    def _check_room(self, name: str, size: int) -> None:
+        if name in self._regions:
+            raise AlreadyExists(
+                f"shared-memory region {name!r} is already registered; unregister it first or pick another name"
+            )
+        if len(self._regions) >= self.max_regions:
+            raise ResourceExhausted(
+                f"the server already holds {self.max_regions} shared-memory regions; unregister some first"
+            )
+        if self._mapped + size > self.max_mapped_bytes:
+            raise ResourceExhausted(
+                f"mapping {size} more bytes would pass the server's limit of "
+                f"{self.max_mapped_bytes} mapped bytes; unregister regions first"
+            )
 
     def status(self, name: str = "") -> list[Region]:
         with self._lock:
@@ -196,69 +259,91 @@ class RegionRegistry:
         self._drop(victims)
 
     def _drop(self, victims: list[Region]) -> None:
+        """Drop these very regions: one that was unregistered and registered again under its name meanwhile
+        is another Region and stays."""
         with self._lock:
-            victims = [r for r in victims if self._regions.get(r.name) is r]
-            for region in victims:
-                del self._regions[region.name]
-                region.retired = True
-            idle = [region for region in victims if region.users == 0]
+            idle = [region for region in victims if self._retire(region) and region.users == 0]
         for region in idle:
-            region.segment.close()
+            region.close()
+
+    def _retire(self, region: Region) -> bool:
+        """Take `region` out of the table (the lock is held); False when it was not in it."""
+        if self._regions.get(region.name) is not region:
+            return False
+        del self._regions[region.name]
+        self._mapped -= region.segment.size
+        region.retired = True
+        return True
 
     # -- use during a call -----------------------------------------------------------------------------
     @contextlib.contextmanager
     def use(self, name: str) -> Iterator[Region]:
-        """Hold `name` for the length of a call: an unregister meanwhile waits for the release."""
+        """Hold `name` for the length of a call: an unregister meanwhile waits for the release.
+
+        A region whose object shrank while the call read or wrote it (see Region.faulted) fails the call
+        with ABORTED at the release, whatever else the call raised (it ran on zero pages), and is retired.
+        """
         with self._lock:
             region = self._regions.get(name)
             if region is None:
                 raise NotFound(f"shared-memory region {name!r} is not registered")
             region.users += 1
         try:
+            if region.faulted:
+                raise _shrank(region)
             yield region
         finally:
-            with self._lock:
-                region.users -= 1
-                unmap = region.retired and region.users == 0
-            if unmap:
-                region.segment.close()
+            faulted = region.faulted
+            self._release(region, retire=faulted)
+            if faulted:
+                raise _shrank(region)
+
+    def _release(self, region: Region, retire: bool = False) -> None:
+        with self._lock:
+            region.users -= 1
+            if retire:
+                self._retire(region)
+            unmap = region.retired and region.users == 0
+        if unmap:
+            region.close()
 
     def mapped_bytes(self) -> int:
-        return sum(region.segment.size for region in self._regions.values())
+        return self._mapped
 
     def __len__(self) -> int:
-        return len(self._regions)
+        with self._lock:
+            return len(self._regions)
 
     # -- housekeeping ----------------------------------------------------------------------------------
     def reap(self) -> list[str]:
         """Drop registrations whose object was unlinked or whose edgecow client died; returns names."""
-        dropped = []
         with self._lock:
             regions = list(self._regions.values())
-        for region in regions:
-            if region.users:
-                continue
-            try:
-                gone = os.fstat(region.segment.fd).st_nlink == 0
-            except OSError:
-                gone = True
-            pid = owner_pid(region.key) if region.key.startswith(CLIENT_PREFIX) else None
-            if not gone and pid is not None:
-                try:
-                    created = os.fstat(region.segment.fd).st_ctime
-                except OSError:
-                    created = 0.0
-                if not self._alive(pid, created):
-                    gone = True
-                    with contextlib.suppress(OSError):
-                        os.unlink(f"/dev/shm/{region.key}")
-            if gone:
-                self.unregister(region.name)
-                dropped.append(region.name)
+        dropped = [region for region in regions if self._owner_gone(region)]
+        self._drop(dropped)
         if dropped:
             log.info("dropped %d shared-memory registration(s) whose object or owner is gone", len(dropped))
         sweep_dead(CLIENT_PREFIX, self._alive)
-        return dropped
+        return [region.name for region in dropped]
+
+    def _owner_gone(self, region: Region) -> bool:
+        with self._lock:
+            if region.users or region.retired:
+                return False
+            region.users += 1  # held while its fd is looked at, so it cannot be closed (and reused) meanwhile
+        try:
+            stat = os.fstat(region.segment.fd)
+            if stat.st_nlink == 0:
+                return True
+            pid = owner_pid(region.key) if region.key.startswith(CLIENT_PREFIX) else None
+            if pid is None or self._alive(pid, stat.st_ctime):
+                return False
+            _unlink_if_same(region)
+            return True
+        except OSError:
+            return True
+        finally:
+            self._release(region)
 
     def close(self) -> None:
         """Drop every region, whoever registered it (the server is stopping)."""
@@ -267,8 +352,42 @@ class RegionRegistry:
         self._drop(victims)
 
 
+def _shrank(region: Region) -> Aborted:
+    return Aborted(f"shared-memory region {region.name!r} shrank during the call; re-create and re-register it")
+
+
+def _reserve(fd: int, offset: int, size: int) -> None:
+    """Back [offset, offset + size) with pages now: a sparse object (plain ftruncate, as tritonclient
+    makes them) would otherwise fault (SIGBUS) on the first page /dev/shm has no room for."""
+    try:
+        os.posix_fallocate(fd, offset, size)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
+            raise ResourceExhausted(
+                f"no room in /dev/shm to back the {size} bytes of this region; free shared memory or register "
+                "a smaller region"
+            ) from None
+        if err.errno != errno.EOPNOTSUPP:
+            raise
+        # A filesystem that cannot reserve: the SIGBUS guard still keeps a fault from killing the server.
+
+
+def _unlink_if_same(region: Region) -> None:
+    """Unlink the region's name when it still names the region's object, not one made since under it."""
+    path = f"/dev/shm/{region.key}"
+    with contextlib.suppress(OSError):
+        stat = os.lstat(path)
+        if (stat.st_dev, stat.st_ino) == region.identity:
+            os.unlink(path)
+
+
 def pid_alive(pid: int, created_before: float) -> bool:
-    """True when `pid` runs and is not a newer process that reused the number (psutil)."""
+    """True when `pid` runs and is not a newer process that reused the number (psutil).
+
+    Never raises: where it cannot tell, the process counts as alive, so nothing of it is removed.
+    """
+    if not 0 < pid <= PID_MAX_LIMIT:
+        return False  # no process has such a pid (and kill() would read 0 or -1 as a process group)
     try:
         proc = psutil.Process(pid)
         return proc.create_time() <= created_before + 1.0 and proc.status() != psutil.STATUS_ZOMBIE
@@ -278,10 +397,10 @@ def pid_alive(pid: int, created_before: float) -> bool:
             os.kill(pid, 0)
         except ProcessLookupError:
             return False
-        except PermissionError:
+        except OSError:
             return True
         return True
-    except psutil.Error:
+    except (psutil.Error, OSError, ValueError, OverflowError):
         return True
 
 
@@ -321,19 +440,28 @@ class Beacon:
 
 
 def probe_client_segment(key: str, token: bytes) -> tuple[bool, str]:
-    """Read `len(token)` bytes of the caller's segment and say whether they are `token`."""
+    """Read `len(token)` bytes of the caller's segment and say whether they are `token`.
+
+    Read with pread, not through a mapping: a probe object truncated meanwhile makes a short read, never
+    a SIGBUS. Opened read-write like a registration, so a match means registering would work too.
+    """
+    if _sigbus_guard is None:
+        return False, "shared memory is unavailable on this server"
     try:
         key = normalize_key(key)
         if key.startswith(SERVER_PREFIX):
             return False, "the probe key names a server segment"
         if not 8 <= len(token) <= 256:
             return False, "the probe token must be 8 to 256 bytes"
-        segment = Segment.open(key)
+        fd = open_object(key)
     except EdgecowError as err:
         return False, err.message
     try:
-        if segment.size < len(token):
-            return False, "the probe segment is smaller than the token"
-        return bytes(segment.bytes_view(0, len(token))) == token, ""
+        data = os.pread(fd, len(token), 0)
+    except OSError:
+        return False, "the server could not read the probe segment"
     finally:
-        segment.close()
+        os.close(fd)
+    if len(data) < len(token):
+        return False, "the probe segment is smaller than the token"
+    return data == token, ""

@@ -60,6 +60,10 @@ class FailedPrecondition(EdgecowError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class Aborted(EdgecowError):
+    code = grpc.StatusCode.ABORTED
+
+
 def from_rpc_error(err: grpc.RpcError) -> EdgecowError:
     """The EdgecowError a failed call stands for, keeping the server's code and message."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN

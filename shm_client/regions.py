@@ -15,6 +15,7 @@ import mmap
 import os
 import re
 import secrets
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -23,18 +24,73 @@ from pathlib import Path
 import numpy as np
 import posix_ipc
 
-from .errors import NotFound, PermissionDenied, ResourceExhausted
+from .errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 
 SHM_DIR = Path("/dev/shm")
 CLIENT_PREFIX = "edgecow-cli-"
 SERVER_PREFIX = "edgecow-srv-"
-_OWNED = re.compile(r"^edgecow-(cli|srv)-(\d+)-")
+PID_MAX_LIMIT = 4194304  # the kernel's ceiling for pid_max: no process has a larger pid
+# Exactly the names unique_key, SegmentPool and the server's beacon make. /dev/shm is world-writable, so
+# anything else carrying our prefix (a pid of 20 digits, 0, leading zeros, odd characters) is someone
+# else's file and must not be read as an owner.
+_OWNED = re.compile(r"edgecow-(?:cli|srv)-([1-9][0-9]{0,6})-[A-Za-z0-9_-]+")
+_OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
 
 
 def owner_pid(key: str) -> int | None:
     """The pid encoded in an edgecow segment name, None for any other name."""
-    match = _OWNED.match(key.lstrip("/"))
-    return int(match.group(2)) if match else None
+    match = _OWNED.fullmatch(key.lstrip("/"))
+    if match is None:
+        return None
+    pid = int(match.group(1))
+    return pid if pid <= PID_MAX_LIMIT else None
+
+
+def open_object(key: str, read_only: bool = False) -> int:
+    """A file descriptor on the regular object /dev/shm/<key>, or the error the caller can act on.
+
+    O_NOFOLLOW: a symlink planted in the world-writable /dev/shm must never make a process (the server,
+    with its own rights) open a file elsewhere. O_NONBLOCK: a FIFO there cannot hang the open. Only
+    regular files pass; the messages name the caller's key, never a path.
+    """
+    flags = (os.O_RDONLY if read_only else os.O_RDWR) | _OPEN_FLAGS
+    try:
+        fd = os.open(SHM_DIR / key, flags)
+    except OSError as err:
+        raise _open_error(err, key) from None
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as err:
+        os.close(fd)
+        raise _open_error(err, key) from None
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise _not_an_object(key)
+    return fd
+
+
+def _open_error(err: OSError, key: str) -> Exception:
+    if err.errno == errno.ENOENT:
+        return NotFound(f"shared-memory object {key!r} does not exist")
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return PermissionDenied(f"no permission to open shared-memory object {key!r}")
+    if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+        return ResourceExhausted(
+            f"no file descriptor or memory is left to open shared-memory object {key!r}; unregister regions "
+            "or retry later"
+        )
+    if err.errno == errno.ENAMETOOLONG:
+        return InvalidArgument("shared-memory key is longer than the 255 bytes an object name may have")
+    if err.errno in (errno.ELOOP, errno.EISDIR, errno.ENOTDIR, errno.ENXIO, errno.ENODEV, errno.EINVAL, errno.ETXTBSY):
+        return _not_an_object(key)
+    return err
+
+
+def _not_an_object(key: str) -> InvalidArgument:
+    return InvalidArgument(
+        f"shared-memory key {key!r} names a link, directory or device, not a shared-memory object; "
+        "register an object made with shm_open"
+    )
 
 
 def _group_id(group: str | None) -> int | None:
@@ -96,19 +152,18 @@ class Segment:
 
     @classmethod
     def open(cls, key: str, read_only: bool = False) -> Segment:
-        """Map an existing segment whole, read-write unless `read_only`."""
+        """Map an existing regular object whole, read-write unless `read_only` (see open_object)."""
         key = key.lstrip("/")
+        fd = open_object(key, read_only)
         try:
-            shm = posix_ipc.SharedMemory("/" + key, 0, read_only=read_only)
-        except posix_ipc.ExistentialError:
-            raise NotFound(f"shared-memory object {key!r} does not exist") from None
-        except posix_ipc.PermissionsError:
-            raise PermissionDenied(f"no permission to open shared-memory object {key!r}") from None
-        size = os.fstat(shm.fd).st_size
-        try:
-            return cls(key, shm.fd, size, created=False, read_only=read_only)
+            return cls(key, fd, os.fstat(fd).st_size, created=False, read_only=read_only)
+        except OSError as err:
+            os.close(fd)
+            if err.errno == errno.ENOMEM:  # out of address space or of mappings (vm.max_map_count)
+                raise ResourceExhausted(f"no memory is left to map shared-memory object {key!r}") from None
+            raise
         except BaseException:
-            os.close(shm.fd)
+            os.close(fd)
             raise
 
     @property
@@ -265,7 +320,10 @@ def sweep_dead(prefix: str, alive: Callable[[int, float], bool]) -> list[str]:
         if pid is None:
             continue
         try:
-            ctime = entry.stat().st_ctime
+            # Symlinks and directories are never ours; unlinking a symlink's target is not ours to do either.
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            ctime = entry.stat(follow_symlinks=False).st_ctime
         except OSError:
             continue
         if not alive(pid, ctime):
@@ -278,14 +336,19 @@ def sweep_dead(prefix: str, alive: Callable[[int, float], bool]) -> list[str]:
 
 
 def process_alive(pid: int, created_before: float) -> bool:
-    """True when `pid` runs and started before `created_before` (so it is not a reused pid)."""
+    """True when `pid` runs and started before `created_before` (so it is not a reused pid).
+
+    Never raises: where it cannot tell, the process counts as alive, so nothing of it is removed.
+    """
     if pid == os.getpid():
         return True
+    if not 0 < pid <= PID_MAX_LIMIT:
+        return False  # no process has such a pid (and 0 or -1 would make kill() mean a process group)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except OSError:
         pass
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
