@@ -18,25 +18,90 @@ import numpy as np
 
 RAW_INPUT_FIELD = 7  # ModelInferRequest.raw_input_contents
 RAW_OUTPUT_FIELD = 6  # ModelInferResponse.raw_output_contents
-_LENGTH_DELIMITED = 2
+_VARINT, _FIXED64, _LENGTH_DELIMITED, _START_GROUP, _END_GROUP, _FIXED32 = range(6)
+# protobuf's parser (upb) refuses a tag longer than 5 bytes or above 2^32-1, any varint longer than
+# 10 bytes, and a length of 2^31-1 or more; a varint's bits past 64 are dropped. The codec follows
+# the same rules so that it accepts exactly the messages protobuf accepts.
+_MAX_TAG_BYTES = 5
+_MAX_TAG = 2**32 - 1
+_MAX_VARINT_BYTES = 10
+_MAX_LENGTH = 2**31 - 2
+_U64 = 2**64 - 1
 
 
 class WireError(ValueError):
     """The bytes are not a well-formed protobuf message."""
 
 
-def _varint(data: memoryview, pos: int) -> tuple[int, int]:
+def _varint(data: memoryview, pos: int, limit: int = _MAX_VARINT_BYTES) -> tuple[int, int]:
+    """The varint at `pos` (at most `limit` bytes) and the position after it."""
     value = shift = 0
-    end = len(data)
-    while True:
-        if pos >= end or shift > 63:
-            raise WireError("truncated or overlong varint")
+    end = min(len(data), pos + limit)
+    while pos < end:
         byte = data[pos]
         pos += 1
         value |= (byte & 0x7F) << shift
         if not byte & 0x80:
-            return value, pos
+            return value & _U64, pos
         shift += 7
+    raise WireError("truncated or overlong varint")
+
+
+def _tag(data: memoryview, pos: int) -> tuple[int, int]:
+    byte = data[pos]
+    if byte < 0x80:
+        return byte, pos + 1
+    tag, pos = _varint(data, pos, _MAX_TAG_BYTES)
+    if tag > _MAX_TAG:
+        raise WireError("a field tag is larger than 32 bits")
+    return tag, pos
+
+
+def _skip(data: memoryview, pos: int, number: int, kind: int) -> int:
+    """The position after the value of a field whose tag ended at `pos` (not bounds-checked for
+    fixed-size values: the caller compares the result with the end)."""
+    if number == 0:
+        raise WireError("field number 0 is not allowed")
+    if kind == _VARINT:
+        return _varint(data, pos)[1]
+    if kind == _LENGTH_DELIMITED:
+        length, pos = _varint(data, pos)
+        if length > _MAX_LENGTH:
+            raise WireError("a length-delimited field is 2 GiB or longer")
+        return pos + length
+    if kind == _FIXED64:
+        return pos + 8
+    if kind == _FIXED32:
+        return pos + 4
+    if kind == _START_GROUP:
+        return _skip_group(data, pos, number)
+    raise WireError(f"wire type {kind} is not valid here")
+
+
+def _skip_group(data: memoryview, pos: int, number: int) -> int:
+    """The position after the end-group tag that closes group `number`, whose start tag ended at
+    `pos`. Nested groups are followed with a stack, not recursion: a hostile message may nest
+    deeply (protobuf itself then refuses the part handed to it, which keeps every group)."""
+    end = len(data)
+    open_groups = [number]
+    while open_groups:
+        if pos >= end:
+            raise WireError("a group is not closed before the end of the message")
+        tag, pos = _tag(data, pos)
+        inner, kind = tag >> 3, tag & 7
+        if kind == _END_GROUP:
+            if inner != open_groups.pop():
+                raise WireError("an end-group tag does not match its group")
+            continue
+        if kind == _START_GROUP:
+            if inner == 0:
+                raise WireError("field number 0 is not allowed")
+            open_groups.append(inner)
+            continue
+        pos = _skip(data, pos, inner, kind)
+        if pos > end:
+            raise WireError("a field runs past the end of the message")
+    return pos
 
 
 def encode_varint(value: int) -> bytes:
@@ -52,35 +117,38 @@ def split_field(data: bytes | bytearray | memoryview, field: int) -> tuple[bytes
     """Cut every top-level occurrence of length-delimited `field` out of an encoded message.
 
     Returns the message without them (ready for protobuf) and the payloads as views into `data`.
+    Raises WireError exactly where protobuf's own parser would refuse the framing; the fields
+    kept are handed to protobuf unchanged, so it judges their contents itself. `field` written
+    with another wire type is not cut: protobuf keeps it as an unknown field.
     """
     view = memoryview(data)
     pos, end = 0, len(view)
+    kept_from = 0  # start of the run of kept bytes not yet added to `keep`
     keep: list[memoryview] = []
     found: list[memoryview] = []
+    wanted = (field << 3) | _LENGTH_DELIMITED
     while pos < end:
         start = pos
-        key, pos = _varint(view, pos)
-        number, kind = key >> 3, key & 7
-        if kind == 0:
-            _, pos = _varint(view, pos)
-        elif kind == 1:
-            pos += 8
-        elif kind == 5:
-            pos += 4
-        elif kind == _LENGTH_DELIMITED:
-            length, pos = _varint(view, pos)
-            if number == field:
-                if pos + length > end:
-                    raise WireError("a field runs past the end of the message")
-                found.append(view[pos : pos + length])
-                pos += length
-                continue
-            pos += length
+        tag = view[pos]
+        if tag < 0x80:
+            pos += 1
         else:
-            raise WireError(f"unsupported wire type {kind}")
+            tag, pos = _tag(view, pos)
+        if tag == wanted:
+            length, pos = _varint(view, pos)
+            if length > _MAX_LENGTH or pos + length > end:
+                raise WireError("a field runs past the end of the message")
+            if kept_from < start:
+                keep.append(view[kept_from:start])
+            found.append(view[pos : pos + length])
+            pos += length
+            kept_from = pos
+            continue
+        pos = _skip(view, pos, tag >> 3, tag & 7)
         if pos > end:
             raise WireError("a field runs past the end of the message")
-        keep.append(view[start:pos])
+    if kept_from < end:
+        keep.append(view[kept_from:end])
     rest = keep[0].tobytes() if len(keep) == 1 else b"".join(keep)
     return rest, found
 
