@@ -48,6 +48,15 @@ SERVE_FLAGS = {
                                "maps at most (default: 32 GiB)"),
     "--shm-reap-interval": ("shm_reap_interval", float, "seconds between sweeps that drop registrations of "
                             "vanished segments or dead clients (default: 2)"),
+    "--max-streams": ("max_streams", int, "ModelStreamInfer streams open at once, below --workers "
+                      "(default: 0 = half the workers)"),
+    "--max-streams-per-peer": ("max_streams_per_peer", int, "streams one peer address may hold; unix-socket "
+                               "callers count as one peer (default: 0 = half of --max-streams)"),
+    "--lane-max-connections": ("lane_max_connections", int, "local-lane connections at once (default: 256)"),
+    "--lane-read-timeout": ("lane_read_timeout", float, "seconds a local-lane request may take to arrive once "
+                            "it has begun (default: 10)"),
+    "--lane-max-buffered-bytes": ("lane_max_buffered_bytes", int, "request bytes all local-lane connections "
+                                  "hold at once (default: 256 MiB)"),
 }
 
 

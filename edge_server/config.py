@@ -74,10 +74,23 @@ class Settings:
     shm_max_regions: int = 1024
     shm_max_mapped_bytes: int = 32 * 2**30
     shm_reap_interval: float = 2.0
+    # Transports. A stream holds a gRPC worker while it is open: the stream bounds keep workers free for
+    # unary calls and health checks.
+    max_streams: int = 0  # ModelStreamInfer streams open at once; 0 = half the workers
+    max_streams_per_peer: int = 0  # streams one peer address may hold (unix callers count as one); 0 = half
+    lane_max_connections: int = 256  # local-lane connections; more are closed and those callers use gRPC
+    lane_read_timeout: float = 10.0  # seconds a local-lane request may take to arrive once it has begun
+    lane_max_buffered_bytes: int = 256 * 2**20  # request bytes all local-lane connections hold at once
 
     def socket_path(self) -> Path | None:
         # "none" is stored as Path(""), which Python turns into Path("."): compare paths, not strings.
         return default_socket_path() if self.socket is None else (None if self.socket == Path("") else self.socket)
+
+    def stream_limits(self) -> tuple[int, int]:
+        """(streams in total, streams per peer), with 0 in either setting replaced by its default."""
+        total = self.max_streams or self.workers // 2
+        per_peer = self.max_streams_per_peer or (max(1, total // 2) if total else 0)
+        return total, per_peer
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
@@ -176,6 +189,24 @@ def _validate(settings: Settings) -> None:
     for name in ("workers", "max_inflight_per_model", "shm_max_regions"):
         if getattr(settings, name) < 1:
             raise ConfigError(f"setting {name!r} must be at least 1")
-    for name in ("poll_interval", "grace_period", "max_queue_per_model", "shm_reap_interval"):
+    for name in ("poll_interval", "grace_period", "max_queue_per_model", "shm_reap_interval", "max_streams",
+                 "max_streams_per_peer"):
         if getattr(settings, name) < 0:
             raise ConfigError(f"setting {name!r} must not be negative")
+    _validate_transports(settings)
+
+
+def _validate_transports(settings: Settings) -> None:
+    total, per_peer = settings.stream_limits()
+    if total >= settings.workers:
+        raise ConfigError(
+            f"max_streams ({total}) must be below workers ({settings.workers}), so unary calls and health checks "
+            "always find a free worker"
+        )
+    if per_peer > total:
+        raise ConfigError(f"max_streams_per_peer ({per_peer}) must not exceed max_streams ({total})")
+    for name in ("lane_max_connections", "lane_max_buffered_bytes"):
+        if getattr(settings, name) < 1:
+            raise ConfigError(f"setting {name!r} must be at least 1")
+    if not 0 < settings.lane_read_timeout < 86_400:  # also refuses NaN and infinity, which sockets cannot take
+        raise ConfigError("setting 'lane_read_timeout' must be a positive number of seconds, below a day")

@@ -234,6 +234,13 @@ class DataPlane:
     def in_flight(self) -> int:
         return self._in_flight
 
+    def responsive(self, timeout: float) -> bool:
+        """Whether the lock every call takes is free within `timeout` s (the watchdog's check)."""
+        if not self._lock.acquire(timeout=timeout):
+            return False
+        self._lock.release()
+        return True
+
     def gate(self, name: str) -> ModelGate:
         gate = self._gates.get(name)
         if gate is None:

@@ -26,7 +26,14 @@ from edge_server import __version__
 from shm_client._proto import edgecow_pb2, edgecow_pb2_grpc
 from shm_client._proto import inference_pb2 as pb
 from shm_client._proto import inference_pb2_grpc as pb_grpc
-from shm_client.errors import EdgecowError, InvalidArgument, NotFound, PermissionDenied, Unimplemented
+from shm_client.errors import (
+    EdgecowError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unimplemented,
+)
 
 from . import convert
 from .config import Settings
@@ -34,6 +41,7 @@ from .dataplane import Cancellation, DataPlane
 from .repository import ModelStore
 from .runtime import ModelRuntime, usable_providers
 from .shm import Beacon, RegionRegistry, probe_client_segment
+from .transport import InferAdapter, Slots, peer_host
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +128,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def __init__(self, state: ServerState) -> None:
         self.state = state
+        self.adapter = InferAdapter(state.plane)
+        total, per_peer = state.settings.stream_limits()
+        self.streams = Slots(total, per_peer, "streams", "max_streams", "max_streams_per_peer")
 
     def _local(self, context: grpc.ServicerContext) -> bool:
         return is_local_peer(context.peer(), self.state.settings.local_peers)
@@ -201,43 +212,48 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         message.inference_stats.cache_miss.SetInParent()
         return message
 
-    # -- inference -------------------------------------------------------------------------------------
+    # -- inference: framing only, the call itself is the shared InferAdapter's ---------------------------
     def _infer(
         self,
-        request: pb.ModelInferRequest,
+        request: convert.SplitInferRequest | pb.ModelInferRequest,
         context: grpc.ServicerContext,
-        raw: list[memoryview] | None = None,
-        cancellable: bool = False,
+        cancellation: Cancellation,
     ) -> tuple[pb.ModelInferResponse, list[Any]]:
-        deadline = convert.deadline_for(request, context.time_remaining())
-        infer_request = convert.to_infer_request(request, deadline, raw)
-        if cancellable:  # unary only: a stream's callback would fire once, when the whole stream ends
-            infer_request.cancellation = Cancellation()
-            context.add_callback(infer_request.cancellation.cancel)
-        response = self.state.plane.infer(infer_request, local=self._local(context))
-        return convert.from_infer_response(response)
+        return self.adapter.infer(
+            request, local=self._local(context), transport_remaining=context.time_remaining(),
+            cancellation=cancellation,
+        )
 
     @handled
     def ModelInfer(self, request: convert.SplitInferRequest, context: grpc.ServicerContext) -> Any:
-        if request.error:
-            raise InvalidArgument(request.error)
-        return self._infer(request.message, context, request.raw, cancellable=True)
+        cancellation = Cancellation()
+        context.add_callback(cancellation.cancel)  # fires when the RPC ends, early if the caller went away
+        return self._infer(request, context, cancellation)
 
     def ModelStreamInfer(
         self, request_iterator: Iterator[pb.ModelInferRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.ModelStreamInferResponse]:
-        for request in request_iterator:
-            try:
-                response = convert.to_full_response(*self._infer(request, context))
-                yield pb.ModelStreamInferResponse(infer_response=response)
-            except EdgecowError as err:
-                yield pb.ModelStreamInferResponse(
-                    error_message=f"{err.code.name}: {err.message}",
-                    infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
-                )
-            except Exception:
-                log.exception("unexpected error in ModelStreamInfer")
-                yield pb.ModelStreamInferResponse(error_message="INTERNAL: the call failed inside the server")
+        # An open stream holds a worker thread, so streams are bounded to leave workers for everyone else.
+        peer = peer_host(context.peer())
+        try:
+            self.streams.acquire(peer)
+        except ResourceExhausted as err:
+            context.abort(err.code, err.message)
+        try:
+            # Calls on a stream run one at a time; a caller that goes away cancels the one running.
+            cancellation = Cancellation()
+            context.add_callback(cancellation.cancel)
+            for request in request_iterator:
+                try:
+                    response = convert.to_full_response(*self._infer(request, context, cancellation))
+                    yield pb.ModelStreamInferResponse(infer_response=response)
+                except EdgecowError as err:
+                    yield pb.ModelStreamInferResponse(
+                        error_message=f"{err.code.name}: {err.message}",
+                        infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
+                    )
+        finally:
+            self.streams.release(peer)
 
     # -- repository ------------------------------------------------------------------------------------
     @handled

@@ -1,72 +1,100 @@
 """The server end of the local lane (see shm_client/lane.py): ModelInfer on a plain unix stream socket.
 
-    lane = LocalLane(Path("/run/edgecow/edgecow-lane.sock"), plane, settings); lane.start(); ...; lane.stop()
+    lane = LocalLane(Path("/run/edgecow/edgecow-lane.sock"), InferAdapter(plane), settings)
+    lane.start(); ...; lane.stop()
 
-A thin transport like grpc_service: frames in, DataPlane, frames out. One thread per connection (the
-callers are the processes of this machine, and each keeps one connection per thread); calls on a
-connection are sequential. Callers here are always local: the socket is a file in the runtime directory
-with mode 0660, like the gRPC socket beside it.
+Only the framing is the lane's own: each call goes through the same InferAdapter as gRPC. One thread per
+connection (the callers are the processes of this machine, and each keeps one connection per thread);
+calls on a connection are sequential. Callers here are always local: the socket is a file in the runtime
+directory with mode 0660, like the gRPC socket beside it.
+
+What a caller can hold is bounded: connections (`lane_max_connections`), the bytes of requests being
+read or run (`lane_max_buffered_bytes`, charged as they arrive, not as the header claims), and the time
+a request may take to arrive once it has begun (`lane_read_timeout`). A caller that hangs up mid-call
+has that call cancelled, as on gRPC.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import select
 import socket
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 
 from shm_client import lane
-from shm_client.errors import EdgecowError, InvalidArgument, ResourceExhausted
+from shm_client.errors import EdgecowError, FailedPrecondition, ResourceExhausted
 
 from . import convert
 from .config import Settings
-from .dataplane import DataPlane
+from .dataplane import Cancellation
+from .transport import InferAdapter
 
 log = logging.getLogger(__name__)
 
-MAX_CONNECTIONS = 256
+BACKLOG = 64  # connections the kernel queues before accept(); callers connect once per thread
 _OK = b"\x00"
 
 
 class LocalLane:
     """A listening unix socket whose connections each get a thread that runs their calls."""
 
-    def __init__(self, path: Path, plane: DataPlane, settings: Settings) -> None:
+    def __init__(self, path: Path, adapter: InferAdapter, settings: Settings) -> None:
         self.path = path
-        self.plane = plane
+        self.adapter = adapter
         self.settings = settings
         self._listener: socket.socket | None = None
         self._connections: set[socket.socket] = set()
         self._lock = threading.Lock()
+        self._buffers = ByteBudget(settings.lane_max_buffered_bytes)
+        self._watcher = HangupWatcher()
 
     def start(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()  # a stale one; the gRPC socket beside it was checked for a live server
+        """Listen on `path`, which the caller has cleared of a stale socket (see server._prepare_socket);
+        anything there now belongs to someone else and is never removed."""
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(str(self.path))
+        try:
+            listener.bind(str(self.path))
+        except OSError as err:
+            listener.close()
+            if err.errno == errno.EADDRINUSE:
+                raise FailedPrecondition(
+                    f"{self.path} appeared while the server started; stop whatever made it, choose another "
+                    "--socket, or pass --no-local-lane"
+                ) from None
+            raise
         os.chmod(self.path, 0o660)
-        listener.listen(64)
+        listener.listen(BACKLOG)
         self._listener = listener
+        self._watcher.start()
         threading.Thread(target=self._accept, name="edgecow-lane", daemon=True).start()
 
     def stop(self) -> None:
         """Stop listening and close every connection (after the DataPlane has drained)."""
         listener, self._listener = self._listener, None
-        if listener is not None:
-            with contextlib.suppress(OSError):
-                listener.shutdown(socket.SHUT_RDWR)
-            listener.close()
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
+        if listener is None:
+            return
+        with contextlib.suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
         with self._lock:
             connections = list(self._connections)
         for conn in connections:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
+        self._watcher.stop()
+
+    @property
+    def connections(self) -> int:
+        return len(self._connections)
 
     def _accept(self) -> None:
         while self._listener is not None:
@@ -75,7 +103,7 @@ class LocalLane:
             except OSError:
                 return  # closed by stop()
             with self._lock:
-                if len(self._connections) >= MAX_CONNECTIONS:
+                if len(self._connections) >= self.settings.lane_max_connections:
                     conn.close()  # the client falls back to gRPC
                     continue
                 self._connections.add(conn)
@@ -83,41 +111,164 @@ class LocalLane:
 
     def _serve(self, conn: socket.socket) -> None:
         try:
-            while True:
-                try:
-                    body = lane.recv_frame(conn, self.settings.max_request_bytes)
-                except ValueError as err:
-                    self._reply_error(conn, ResourceExhausted(str(err)))
-                    return  # the rest of the oversized message cannot be skipped safely
-                if body is None:
-                    return
-                self._handle(conn, body)
+            while self._serve_one(conn):
+                pass
         except OSError:
             pass  # the client went away
+        except Exception:  # a bug must cost this connection, not the server
+            log.exception("unexpected error on a local-lane connection")
         finally:
             with self._lock:
                 self._connections.discard(conn)
             conn.close()
 
+    def _serve_one(self, conn: socket.socket) -> bool:
+        """Read and answer one request; False when the connection is to be closed."""
+        with self._buffers.account() as charge:
+            try:
+                body = lane.recv_frame(
+                    conn, self.settings.max_request_bytes, self.settings.lane_read_timeout, charge
+                )
+            except lane.FrameTooLarge as err:
+                self._reply_error(conn, ResourceExhausted(f"{err}; send the tensors through shared memory"))
+                return False  # the rest of the oversized message cannot be skipped safely
+            except ResourceExhausted as err:
+                self._reply_error(conn, err)
+                return False
+            except TimeoutError:
+                log.info("a local-lane caller began a request and did not finish it within %ss; closed its "
+                         "connection", self.settings.lane_read_timeout)
+                return False
+            if body is None:
+                return False
+            self._handle(conn, body)
+        return True
+
     def _handle(self, conn: socket.socket, body: bytearray) -> None:
+        cancellation = Cancellation()
         try:
-            split = convert.decode_infer_request(body)
-            if split.error:
-                raise InvalidArgument(split.error)
-            request = convert.to_infer_request(split.message, convert.deadline_for(split.message), split.raw)
-            response = self.plane.infer(request, local=True)
-            encoded = convert.encode_infer_response(convert.from_infer_response(response))
+            with self._watcher.watching(conn, cancellation):
+                result = self.adapter.infer(self.adapter.decode(body), local=True, cancellation=cancellation)
         except EdgecowError as err:
             self._reply_error(conn, err)
             return
-        except Exception:  # one bad call must not end the connection's other calls
-            log.exception("unexpected error on the local lane")
-            self._reply_error(conn, EdgecowError("the call failed inside the server; see its log"))
-            return
-        lane.send_frame(conn, _OK, encoded)
+        lane.send_frame(conn, _OK, convert.encode_infer_response(result))
 
     @staticmethod
     def _reply_error(conn: socket.socket, err: EdgecowError) -> None:
-        code = err.code.value[0] if isinstance(err.code, grpc.StatusCode) else 13
+        code = err.code.value[0] if isinstance(err.code, grpc.StatusCode) else grpc.StatusCode.INTERNAL.value[0]
         lane.send_frame(conn, bytes([code]), err.message.encode("utf-8", "replace"))
 
+
+class ByteBudget:
+    """Bytes that all connections together may hold; each request is charged as its buffer grows."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._used = 0
+        self._lock = threading.Lock()
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    @contextlib.contextmanager
+    def account(self) -> Iterator[_Charge]:
+        """A charge for one request; what it took is given back when the block ends."""
+        charge = _Charge(self)
+        try:
+            yield charge
+        finally:
+            with self._lock:
+                self._used -= charge.taken
+
+    def _take(self, size: int) -> None:
+        with self._lock:
+            if self._used + size > self.limit:
+                raise ResourceExhausted(
+                    f"the local lane already holds its limit of {self.limit} request bytes "
+                    "(lane_max_buffered_bytes); retry, or send the tensors through shared memory"
+                )
+            self._used += size
+
+
+class _Charge:
+    def __init__(self, budget: ByteBudget) -> None:
+        self._budget = budget
+        self.taken = 0
+
+    def __call__(self, size: int) -> None:
+        self._budget._take(size)
+        self.taken += size
+
+
+class HangupWatcher:
+    """One thread that cancels a lane call whose caller hangs up (closes the socket, or dies) mid-call.
+
+    A caller sends nothing while it waits for its answer, so the end of its stream (EPOLLRDHUP) means no
+    one will read the answer. Connections are watched only while a call runs on them; one epoll set
+    serves them all, not a thread per call. A caller that half-closes its socket after sending counts
+    as gone (EdgeClient never does that).
+    """
+
+    def __init__(self) -> None:
+        self._epoll: select.epoll | None = None
+        self._wake: tuple[int, int] | None = None
+        self._calls: dict[int, tuple[socket.socket, Cancellation]] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._epoll = select.epoll()
+        self._wake = os.pipe()
+        self._epoll.register(self._wake[0], select.EPOLLIN)
+        self._thread = threading.Thread(target=self._run, args=(self._epoll, self._wake[0]),
+                                        name="edgecow-lane-hangups", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is None or self._wake is None or self._epoll is None:
+            return
+        os.write(self._wake[1], b"x")
+        self._thread.join()
+        self._epoll.close()
+        for fd in self._wake:
+            os.close(fd)
+        self._thread, self._wake, self._epoll = None, None, None
+
+    @contextlib.contextmanager
+    def watching(self, conn: socket.socket, cancellation: Cancellation) -> Iterator[None]:
+        """Cancel `cancellation` if the caller on `conn` hangs up before the block ends."""
+        fd = conn.fileno()
+        with self._lock:
+            assert self._epoll is not None
+            self._calls[fd] = (conn, cancellation)
+            self._epoll.register(fd, select.EPOLLRDHUP)
+        try:
+            yield
+        finally:
+            with self._lock:
+                if self._calls.pop(fd, None) is not None:
+                    self._epoll.unregister(fd)
+
+    def _run(self, epoll: select.epoll, wake: int) -> None:
+        while True:
+            for fd, _ in epoll.poll():
+                if fd == wake:
+                    return
+                with self._lock:
+                    entry = self._calls.get(fd)
+                    # The event may be from an earlier call on a descriptor since reused: ask the socket
+                    # that is registered now.
+                    if entry is None or not _hung_up(entry[0]):
+                        continue
+                    del self._calls[fd]
+                    epoll.unregister(fd)
+                log.info("a local-lane caller hung up mid-call; cancelling the call")
+                entry[1].cancel()
+
+
+def _hung_up(conn: socket.socket) -> bool:
+    poller = select.poll()
+    poller.register(conn, select.POLLRDHUP)  # POLLHUP and POLLERR are always reported as well
+    return bool(poller.poll(0))

@@ -3,8 +3,9 @@
     settings = load_settings(overrides={"model_repository": "models"})
     sys.exit(serve(settings))          # returns when SIGTERM/SIGINT has drained the server
 
-Start order: load models, bind both listeners, start, then READY=1. Stop: STOPPING=1, refuse new calls,
-let calls in flight finish within the grace period, unmap and unlink what the server owns.
+Start order: check the socket paths, load models, bind both listeners, start, then READY=1. Stop:
+STOPPING=1, refuse new calls, let calls in flight finish within the grace period, unmap and unlink what the
+server owns.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import stat
 import threading
 import time
@@ -36,10 +38,17 @@ from .repository import ModelStore, Repository
 from .runtime import gpu_usable
 from .shm import Beacon, RegionRegistry
 from .systemd import Notifier, Watchdog
+from .transport import InferAdapter
 
 log = logging.getLogger("edgecow")
 
 SERVICE_NAMES = ("inference.GRPCInferenceService", "edgecow.v1.EdgecowService")
+WATCHDOG_PROBE_TIMEOUT = 2.0  # seconds the watchdog's health check waits for each answer
+# The client's connection preface and an empty SETTINGS frame (RFC 9113 3.4); the server answers with
+# its own SETTINGS frame, whose 9-byte header carries the type in byte 3.
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+_HTTP2_FRAME_HEADER = 9
+_HTTP2_SETTINGS = 4
 
 
 def configure_logging(level: str) -> None:
@@ -58,13 +67,14 @@ def _raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _prepare_socket(path: Path) -> None:
-    """Make the directory; remove a stale socket file, refuse if a live server holds it."""
+def _prepare_socket(path: Path, remedy: str = "choose another --socket") -> None:
+    """Make the directory; remove a stale socket file, refuse if a live server holds it or if the path
+    is something else (never delete what is not ours). `remedy` ends the error messages."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
     if not path.exists() and not path.is_symlink():
         return
     if not stat.S_ISSOCK(path.lstat().st_mode):
-        raise FailedPrecondition(f"{path} exists and is not a socket; choose another --socket")
+        raise FailedPrecondition(f"{path} exists and is not a socket; remove it or {remedy}")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(str(path))
@@ -73,7 +83,47 @@ def _prepare_socket(path: Path) -> None:
         return
     finally:
         probe.close()
-    raise FailedPrecondition(f"another server is already listening on {path}; stop it or choose another --socket")
+    raise FailedPrecondition(f"another server is already listening on {path}; stop it or {remedy}")
+
+
+def lane_path_for(socket_path: Path) -> Path:
+    """The local lane's socket beside the gRPC one: edgecow.sock -> edgecow-lane.sock."""
+    return socket_path.with_name(f"{socket_path.stem}-lane.sock")
+
+
+def transport_answers(address: str, tls: bool, timeout: float = WATCHDOG_PROBE_TIMEOUT) -> bool:
+    """Whether gRPC's transport on `address` ("unix:/path" or "host:port") completes a connection: the
+    (TLS and) HTTP/2 handshake up to the server's SETTINGS frame.
+
+    grpc core does that in its own threads, so this holds while every Python worker is busy with long
+    calls, yet fails when the process is wedged. The TLS handshake skips certificate checks: it talks to
+    this very process, sends nothing secret, and must work with any certificate the operator installed.
+    """
+    try:
+        if address.startswith("unix:"):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            sock.connect(address.removeprefix("unix:"))
+        else:
+            host, _, port = address.rpartition(":")
+            sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            context.set_alpn_protocols(["h2"])
+            sock = context.wrap_socket(sock)
+        with sock:
+            sock.sendall(_HTTP2_PREFACE)
+            frame = b""
+            while len(frame) < _HTTP2_FRAME_HEADER:
+                chunk = sock.recv(_HTTP2_FRAME_HEADER - len(frame))
+                if not chunk:
+                    return False
+                frame += chunk
+            return frame[3] == _HTTP2_SETTINGS
+    except (OSError, ValueError):
+        return False
 
 
 class EdgecowServer:
@@ -104,6 +154,7 @@ class EdgecowServer:
             raise FailedPrecondition("require_gpu is set but no GPU execution provider can start on this machine")
         if not settings.model_repository.is_dir():
             raise FailedPrecondition(f"model repository {settings.model_repository} is not a directory")
+        self._prepare_sockets()  # before the models load: a clash must not cost a minute of loading first
         self.store.load_all()
         if settings.shm_enabled:
             self.state.beacon = Beacon()
@@ -142,11 +193,24 @@ class EdgecowServer:
         names = (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server, pool=POOL)
 
+    def _prepare_sockets(self) -> None:
+        path = self.settings.socket_path()
+        if path is None:
+            return
+        _prepare_socket(path)
+        if self._lane_wanted():
+            _prepare_socket(lane_path_for(path), "choose another --socket, or pass --no-local-lane")
+
+    def _lane_wanted(self) -> bool:
+        settings = self.settings
+        return (settings.local_lane and settings.shm_enabled and settings.socket_path() is not None
+                and "unix" in settings.local_peers)
+
     def _bind(self, server: grpc.Server) -> None:
         settings = self.settings
         path = settings.socket_path()
         if path is not None:
-            _prepare_socket(path)
+            _prepare_socket(path)  # again: a socket may have appeared while the models loaded
             server.add_insecure_port(f"unix:{path}")
             self.socket_path = path
             os.chmod(path, 0o660)
@@ -171,11 +235,10 @@ class EdgecowServer:
             log.info("listening on %s", listener)
 
     def _start_lane(self) -> None:
-        settings = self.settings
-        if not (settings.local_lane and settings.shm_enabled and self.socket_path and "unix" in settings.local_peers):
+        if not self._lane_wanted() or self.socket_path is None:
             return
-        path = self.socket_path.with_name(f"{self.socket_path.stem}-lane.sock")
-        self.lane = LocalLane(path, self.plane, settings)
+        path = lane_path_for(self.socket_path)
+        self.lane = LocalLane(path, InferAdapter(self.plane), self.settings)
         self.lane.start()
         self.state.lane_path = str(path.resolve())
         log.info("local lane on %s", path)
@@ -190,20 +253,26 @@ class EdgecowServer:
         )
 
     def answers(self) -> bool:
-        """True when the server answers ServerLive over its own listener within a second."""
+        """The watchdog's health check: the data plane's lock can be taken and gRPC's transport completes
+        a connection (the unix socket when there is one, else TCP, with TLS when it is on).
+
+        Neither needs a free gRPC worker, so a server whose workers all run long calls or hold streams is
+        healthy, and one whose data plane or gRPC core is wedged is not.
+        """
         if self.grpc is None or not self.state.listeners:
             return False
+        if not self.plane.responsive(WATCHDOG_PROBE_TIMEOUT):
+            log.warning("watchdog: the data plane's lock was not free within %ss", WATCHDOG_PROBE_TIMEOUT)
+            return False
         target = self.state.listeners[0]
+        tls = False
         if not target.startswith("unix:"):
             target = target.replace("0.0.0.0:", "127.0.0.1:").replace("[::]:", "[::1]:")
-        from shm_client._proto import inference_pb2, inference_pb2_grpc
-
-        try:
-            with grpc.insecure_channel(target) as channel:
-                stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
-                return stub.ServerLive(inference_pb2.ServerLiveRequest(), timeout=1.0).live
-        except grpc.RpcError:
+            tls = self.settings.tls_cert is not None
+        if not transport_answers(target, tls):
+            log.warning("watchdog: %s did not complete a connection within %ss", target, WATCHDOG_PROBE_TIMEOUT)
             return False
+        return True
 
     def _housekeeping(self) -> None:
         last = ""

@@ -469,7 +469,7 @@ class EdgeClient:
             if timeout is not None:  # the server enforces it as the v2 `timeout` parameter (µs)
                 request.parameters["timeout"].int64_param = max(1, int(timeout * 1e6))
             try:
-                status, body = conn.call(_encode_request((request, [])), None if timeout is None else timeout + 5.0)
+                status, body = conn.call(_encode_request((request, [])), timeout)
             except TimeoutError:
                 self._drop_lane_connection(conn)
                 raise EdgecowError("the call did not finish in time", grpc.StatusCode.DEADLINE_EXCEEDED) from None

@@ -17,26 +17,22 @@ Everything else (registration, metadata, the probe that offers the lane) stays o
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
+import time
+from collections.abc import Callable
 
 _LENGTH = struct.Struct("<Q")
 _JOIN_BELOW = 1 << 16
+FIRST_CHUNK = 1 << 16  # a body is read into this much at first and the buffer doubles only as bytes arrive
+CONNECT_TIMEOUT = 5.0  # seconds to reach the lane; a server that does not accept by then is not used
+REPLY_GRACE = 5.0  # seconds past a call's own timeout to wait for the server's answer (it stops the call then)
+MAX_REPLY_BYTES = 1 << 62  # replies are as large as the outputs; the buffer grows only with the bytes received
 
 
-def recv_exact(sock: socket.socket, size: int) -> bytearray | None:
-    """Exactly `size` bytes, or None when the peer closed the connection before sending any."""
-    buffer = bytearray(size)
-    view = memoryview(buffer)
-    got = 0
-    while got < size:
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            if got == 0:
-                return None
-            raise ConnectionError("the peer closed the connection in the middle of a message")
-        got += n
-    return buffer
+class FrameTooLarge(ValueError):
+    """A frame header announced more bytes than the receiver accepts."""
 
 
 def send_frame(sock: socket.socket, *parts: bytes | memoryview) -> None:
@@ -51,27 +47,76 @@ def send_frame(sock: socket.socket, *parts: bytes | memoryview) -> None:
         sock.sendall(part)
 
 
-def recv_frame(sock: socket.socket, limit: int) -> bytearray | None:
-    """The next frame's body; None at a clean end of the connection; ValueError past `limit` bytes."""
-    header = recv_exact(sock, _LENGTH.size)
-    if header is None:
+def recv_frame(
+    sock: socket.socket,
+    limit: int,
+    read_timeout: float | None = None,
+    on_grow: Callable[[int], object] | None = None,
+) -> bytearray | None:
+    """The next frame's body; None at a clean end of the connection; FrameTooLarge past `limit` bytes.
+
+    A header that claims more than is sent costs no memory: the body buffer starts at FIRST_CHUNK bytes and
+    doubles only once the bytes so far have arrived; `on_grow(n)` is called before it takes n more bytes
+    (and may raise to refuse them). With `read_timeout` (on a blocking socket) the whole frame must arrive
+    within that many seconds of its first byte, else TimeoutError; the wait for that first byte is not
+    limited, so an idle connection may wait for its next request. Without it the socket's own timeout
+    applies to each read.
+    """
+    header = bytearray(_LENGTH.size)
+    first = sock.recv_into(header)
+    if first == 0:
         return None
+    deadline = None if read_timeout is None else time.monotonic() + read_timeout
+    _fill(sock, memoryview(header)[first:], deadline)
     (size,) = _LENGTH.unpack(header)
     if size > limit:
-        raise ValueError(f"a {size}-byte message is over the limit of {limit} bytes")
-    body = recv_exact(sock, size)
-    if body is None:
-        raise ConnectionError("the peer closed the connection in the middle of a message")
-    return body
+        raise FrameTooLarge(f"a {size}-byte message is over the limit of {limit} bytes")
+    capacity = min(size, FIRST_CHUNK)
+    if on_grow is not None:
+        on_grow(capacity)
+    body = bytearray(capacity)
+    while True:
+        _fill(sock, memoryview(body)[len(body) - capacity:], deadline)
+        if len(body) == size:
+            return body
+        capacity = min(size, 2 * len(body)) - len(body)
+        if on_grow is not None:
+            on_grow(capacity)
+        body.extend(bytes(capacity))  # no view of `body` is alive here, so it may be resized
+
+
+def _fill(sock: socket.socket, view: memoryview, deadline: float | None) -> None:
+    """Fill `view` from the socket; ConnectionError if the peer closes first, TimeoutError past `deadline`."""
+    got = 0
+    while got < len(view):
+        if deadline is None:
+            n = sock.recv_into(view[got:])
+        else:
+            try:
+                n = sock.recv_into(view[got:], 0, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                _wait_readable(sock, deadline)
+                continue
+        if n == 0:
+            raise ConnectionError("the peer closed the connection in the middle of a message")
+        got += n
+
+
+def _wait_readable(sock: socket.socket, deadline: float) -> None:
+    remaining = deadline - time.monotonic()
+    poller = select.poll()  # not select(): descriptors above 1023 are common in the server
+    poller.register(sock, select.POLLIN)
+    if remaining <= 0 or not poller.poll(remaining * 1000):
+        raise TimeoutError("the rest of the message did not arrive in time")
 
 
 class LaneConnection:
     """One client connection to a lane; not thread-safe (EdgeClient keeps one per thread)."""
 
-    def __init__(self, path: str, timeout: float = 5.0) -> None:
+    def __init__(self, path: str, connect_timeout: float = CONNECT_TIMEOUT) -> None:
         self.path = path
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
+        self._sock.settimeout(connect_timeout)
         try:
             self._sock.connect(path)
         except OSError:
@@ -79,10 +124,11 @@ class LaneConnection:
             raise
 
     def call(self, request: bytes, timeout: float | None = None) -> tuple[int, memoryview]:
-        """Send one encoded request and wait for its (status, body)."""
-        self._sock.settimeout(timeout)
+        """Send one encoded request and wait for its (status, body): for ever without a `timeout`, else
+        the call's own timeout and REPLY_GRACE for the answer to come back."""
+        self._sock.settimeout(None if timeout is None else timeout + REPLY_GRACE)
         send_frame(self._sock, request)
-        body = recv_frame(self._sock, 1 << 62)
+        body = recv_frame(self._sock, MAX_REPLY_BYTES)
         if body is None:
             raise ConnectionError("the server closed the local lane")
         view = memoryview(body)
