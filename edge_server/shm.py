@@ -258,13 +258,15 @@ class RegionRegistry:
                 victims = [r for r in self._regions.values() if not r.key.startswith(CLIENT_PREFIX)]
         self._drop(victims)
 
-    def _drop(self, victims: list[Region]) -> None:
-        """Drop these very regions: one that was unregistered and registered again under its name meanwhile
-        is another Region and stays."""
+    def _drop(self, victims: list[Region]) -> list[Region]:
+        """Drop these very regions and return those that were still in; one that was unregistered and
+        registered again under its name meanwhile is another Region and stays."""
         with self._lock:
-            idle = [region for region in victims if self._retire(region) and region.users == 0]
+            dropped = [region for region in victims if self._retire(region)]
+            idle = [region for region in dropped if region.users == 0]
         for region in idle:
             region.close()
+        return dropped
 
     def _retire(self, region: Region) -> bool:
         """Take `region` out of the table (the lock is held); False when it was not in it."""
@@ -319,8 +321,7 @@ class RegionRegistry:
         """Drop registrations whose object was unlinked or whose edgecow client died; returns names."""
         with self._lock:
             regions = list(self._regions.values())
-        dropped = [region for region in regions if self._owner_gone(region)]
-        self._drop(dropped)
+        dropped = self._drop([region for region in regions if self._owner_gone(region)])
         if dropped:
             log.info("dropped %d shared-memory registration(s) whose object or owner is gone", len(dropped))
         sweep_dead(CLIENT_PREFIX, self._alive)

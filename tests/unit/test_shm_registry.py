@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -259,6 +260,100 @@ def test_reap_leaves_regions_in_use(registry: RegionRegistry, make_segment: Make
         segment.unlink()
         assert registry.reap() == []
     assert registry.reap() == ["r"]
+
+
+# -- races between the reaper, registers and readers ---------------------------------------------------
+
+
+def test_reaper_does_not_drop_a_region_registered_again_under_the_same_name(make_segment: MakeSegment) -> None:
+    """The reaper judges a snapshot; a client that meanwhile unregisters, re-creates its object under the
+    same key and registers the same name again keeps its new registration and its new object."""
+    key = f"{CLIENT_PREFIX}{_dead_pid()}-race-1"
+    owner_pid = int(key.split("-")[2])
+    fresh: list[Segment] = []
+
+    def alive(pid: int, created: float) -> bool:
+        if pid != owner_pid:
+            return True  # other processes' files in /dev/shm are none of this test's business
+        if not fresh:  # the reaper is looking at the old registration: swap it under its feet
+            registry.unregister("r")
+            old.close()
+            old.unlink()
+            fresh.append(make_segment(key=key))
+            registry.register("r", "/" + key, 0, 16)
+            return False
+        return True
+
+    registry = RegionRegistry(alive=alive)
+    try:
+        old = Segment.create(key, 8192)
+        registry.register("r", "/" + key, 0, 16)
+        assert registry.reap() == []  # the registration it judged was already gone
+        (current,) = registry.status("r")
+        new_stat = os.fstat(fresh[0].fd)
+        assert current.identity == (new_stat.st_dev, new_stat.st_ino)
+        assert os.stat(SHM_DIR / key).st_ino == new_stat.st_ino  # the new object was not unlinked
+    finally:
+        registry.close()
+
+
+def test_region_limit_holds_for_concurrent_registers(make_segment: MakeSegment) -> None:
+    registry = RegionRegistry(max_regions=4)
+    segment = make_segment()
+    start = threading.Barrier(16)
+    codes: list[grpc.StatusCode | None] = []
+
+    def register(i: int) -> None:
+        start.wait(10)
+        try:
+            registry.register(f"r{i}", "/" + segment.key, 0, 16)
+            codes.append(None)
+        except EdgecowError as err:
+            codes.append(err.code)
+
+    threads = [threading.Thread(target=register, args=(i,)) for i in range(16)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert len(registry) == 4 and codes.count(None) == 4
+        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 12
+        assert registry.mapped_bytes() == 4 * segment.size
+    finally:
+        registry.close()
+
+
+def test_counts_are_read_safely_while_other_threads_register(make_segment: MakeSegment) -> None:
+    """mapped_bytes and len never iterate a table another thread is changing (GetStatus used to fail)."""
+    registry = RegionRegistry()
+    segment = make_segment()
+    done = threading.Event()
+    failures: list[BaseException] = []
+
+    def churn() -> None:
+        try:
+            for i in range(300):
+                registry.register(f"c{i}", "/" + segment.key, 0, 16)
+                if i % 2:
+                    registry.unregister(f"c{i - 1}")
+        except BaseException as err:  # handed to the test thread, which asserts on it
+            failures.append(err)
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    try:
+        while not done.is_set():
+            assert 0 <= registry.mapped_bytes() <= 300 * segment.size
+            assert 0 <= len(registry) <= 300
+        worker.join(30)
+        assert failures == []
+        assert len(registry) == 150 and registry.mapped_bytes() == 150 * segment.size
+    finally:
+        registry.close()
+    assert registry.mapped_bytes() == 0
 
 
 # -- the probe and who counts as local -----------------------------------------------------------------
