@@ -158,10 +158,9 @@ class Segment:
         try:
             return cls(key, fd, os.fstat(fd).st_size, created=False, read_only=read_only)
         except OSError as err:
+            # mmap dups the descriptor (EMFILE here too) and can run out of mappings (ENOMEM).
             os.close(fd)
-            if err.errno == errno.ENOMEM:  # out of address space or of mappings (vm.max_map_count)
-                raise ResourceExhausted(f"no memory is left to map shared-memory object {key!r}") from None
-            raise
+            raise _open_error(err, key) from None
         except BaseException:
             os.close(fd)
             raise
