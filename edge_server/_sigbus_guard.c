@@ -144,28 +144,30 @@ static PyObject *guard(PyObject *Py_UNUSED(module), PyObject *args) {
     return NULL;
 }
 
-static int slot_arg(PyObject *args, const char *format, int *slot) {
-    if (!PyArg_ParseTuple(args, format, slot)) {
+/* METH_O and no tuple parsing: `faulted` runs once per region per call, so it stays a flag read. */
+static long slot_arg(PyObject *arg) {
+    long slot = PyLong_AsLong(arg);
+    if (slot == -1 && PyErr_Occurred()) {
         return -1;
     }
-    if (*slot < 0 || *slot >= SLOTS || atomic_load_explicit(&slots[*slot].start, memory_order_relaxed) == 0) {
+    if (slot < 0 || slot >= SLOTS || atomic_load_explicit(&slots[slot].start, memory_order_relaxed) == 0) {
         PyErr_SetString(PyExc_ValueError, "not a guarded slot");
         return -1;
     }
-    return 0;
+    return slot;
 }
 
-static PyObject *faulted(PyObject *Py_UNUSED(module), PyObject *args) {
-    int slot;
-    if (slot_arg(args, "i:faulted", &slot) != 0) {
+static PyObject *faulted(PyObject *Py_UNUSED(module), PyObject *arg) {
+    long slot = slot_arg(arg);
+    if (slot < 0) {
         return NULL;
     }
     return PyBool_FromLong(atomic_load_explicit(&slots[slot].faulted, memory_order_acquire));
 }
 
-static PyObject *unguard(PyObject *Py_UNUSED(module), PyObject *args) {
-    int slot;
-    if (slot_arg(args, "i:unguard", &slot) != 0) {
+static PyObject *unguard(PyObject *Py_UNUSED(module), PyObject *arg) {
+    long slot = slot_arg(arg);
+    if (slot < 0) {
         return NULL;
     }
     atomic_store_explicit(&slots[slot].start, 0, memory_order_release);
@@ -176,8 +178,8 @@ static PyMethodDef methods[] = {
     {"guard", guard, METH_VARARGS,
      "guard(address, length) -> slot: a SIGBUS in [address, address + length) replaces the range with zero "
      "pages and marks the slot faulted instead of killing the process."},
-    {"faulted", faulted, METH_VARARGS, "faulted(slot) -> bool: whether a SIGBUS hit the slot's range."},
-    {"unguard", unguard, METH_VARARGS, "unguard(slot): stop guarding; call it before unmapping the range."},
+    {"faulted", faulted, METH_O, "faulted(slot) -> bool: whether a SIGBUS hit the slot's range."},
+    {"unguard", unguard, METH_O, "unguard(slot): stop guarding; call it before unmapping the range."},
     {NULL, NULL, 0, NULL},
 };
 

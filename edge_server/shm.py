@@ -283,7 +283,8 @@ class RegionRegistry:
         """Hold `name` for the length of a call: an unregister meanwhile waits for the release.
 
         A region whose object shrank while the call read or wrote it (see Region.faulted) fails the call
-        with ABORTED at the release, whatever else the call raised (it ran on zero pages), and is retired.
+        with ABORTED at the release, whatever else the call raised (it ran on zero pages), and is retired;
+        so does one that faulted in a concurrent call (the flag stays set). One flag read per call.
         """
         with self._lock:
             region = self._regions.get(name)
@@ -291,8 +292,6 @@ class RegionRegistry:
                 raise NotFound(f"shared-memory region {name!r} is not registered")
             region.users += 1
         try:
-            if region.faulted:
-                raise _shrank(region)
             yield region
         finally:
             faulted = region.faulted
