@@ -48,10 +48,15 @@ def test_a_call_past_its_timeout_on_the_lane_is_deadline_exceeded(server: Server
         np.testing.assert_array_equal(client.infer("scale", {"x": x}, version=1)["y"], x)
 
 
-def test_tcp_clients_are_not_offered_the_lane(server: ServerProcess) -> None:
-    with EdgeClient(server.tcp_target) as client:
-        assert client.transport == "shm"
-        assert client._lane_path == ""
+def test_tcp_clients_are_not_offered_the_lane(model_repo: Path, tmp_path: Path) -> None:
+    # Loopback counts as this machine only when the operator opts in; even then the lane stays unix-only.
+    server = ServerProcess(model_repo, tmp_path, "--local-peers", "unix,loopback").start()
+    try:
+        with EdgeClient(server.tcp_target) as client:
+            assert client.transport == "shm"
+            assert client._lane_path == ""
+    finally:
+        assert server.stop() == 0
 
 
 @pytest.fixture
