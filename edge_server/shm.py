@@ -122,8 +122,9 @@ class Region:
         try:
             self.guard_slot = _sigbus_guard.guard(self.segment.address(), self.segment.size)
         except MemoryError:
-            raise ResourceExhausted("the server guards as many shared-memory mappings as it can; "
-                                    "unregister regions first") from None
+            raise ResourceExhausted(
+                "the server holds as many shared-memory mappings as it can guard; unregister regions first"
+            ) from None
 
     def close(self) -> None:
         """Stop guarding and unmap (no call may be using the region)."""
