@@ -25,7 +25,8 @@ from collections.abc import Callable
 
 _LENGTH = struct.Struct("<Q")
 _JOIN_BELOW = 1 << 16
-FIRST_CHUNK = 1 << 16  # a body is read into this much at first and the buffer doubles only as bytes arrive
+FIRST_CHUNK = 1 << 16  # a body's first bytes are read in place; requests over shared memory fit in this
+_STAGING = 1 << 18  # the rest arrives through a buffer this big, so the body grows only with what was received
 CONNECT_TIMEOUT = 5.0  # seconds to reach the lane; a server that does not accept by then is not used
 REPLY_GRACE = 5.0  # seconds past a call's own timeout to wait for the server's answer (it stops the call then)
 MAX_REPLY_BYTES = 1 << 62  # replies are as large as the outputs; the buffer grows only with the bytes received
@@ -55,12 +56,12 @@ def recv_frame(
 ) -> bytearray | None:
     """The next frame's body; None at a clean end of the connection; FrameTooLarge past `limit` bytes.
 
-    A header that claims more than is sent costs no memory: the body buffer starts at FIRST_CHUNK bytes and
-    doubles only once the bytes so far have arrived; `on_grow(n)` is called before it takes n more bytes
-    (and may raise to refuse them). With `read_timeout` (on a blocking socket) the whole frame must arrive
-    within that many seconds of its first byte, else TimeoutError; the wait for that first byte is not
-    limited, so an idle connection may wait for its next request. Without it the socket's own timeout
-    applies to each read.
+    A header that claims more than is sent costs no memory: the first FIRST_CHUNK bytes are read in
+    place, the rest through a small buffer onto the body, which so grows only with the bytes that arrive;
+    `on_grow(n)` is called before the receiver holds n more bytes (and may raise to refuse them). With
+    `read_timeout` (on a blocking socket) the whole frame must arrive within that many seconds of its
+    first byte, else TimeoutError; the wait for that first byte is not limited, so an idle connection may
+    wait for its next request. Without it the socket's own timeout applies to each read.
     """
     header = bytearray(_LENGTH.size)
     first = sock.recv_into(header)
@@ -71,35 +72,42 @@ def recv_frame(
     (size,) = _LENGTH.unpack(header)
     if size > limit:
         raise FrameTooLarge(f"a {size}-byte message is over the limit of {limit} bytes")
-    capacity = min(size, FIRST_CHUNK)
-    if on_grow is not None:
-        on_grow(capacity)
-    body = bytearray(capacity)
-    while True:
-        _fill(sock, memoryview(body)[len(body) - capacity:], deadline)
-        if len(body) == size:
-            return body
-        capacity = min(size, 2 * len(body)) - len(body)
-        if on_grow is not None:
-            on_grow(capacity)
-        body.extend(bytes(capacity))  # no view of `body` is alive here, so it may be resized
+    grow = on_grow or (lambda _: None)
+    grow(min(size, FIRST_CHUNK))
+    body = bytearray(min(size, FIRST_CHUNK))
+    _fill(sock, memoryview(body), deadline)
+    if len(body) == size:
+        return body  # the common, small message: read in place, no copy
+    grow(min(size - len(body), _STAGING))
+    staging = memoryview(bytearray(min(size - len(body), _STAGING)))
+    while len(body) < size:
+        n = _recv_some(sock, staging[: size - len(body)], deadline)
+        grow(n)
+        body += staging[:n]  # bytearray grows in place (realloc), so the copy is this one
+    return body
 
 
 def _fill(sock: socket.socket, view: memoryview, deadline: float | None) -> None:
     """Fill `view` from the socket; ConnectionError if the peer closes first, TimeoutError past `deadline`."""
     got = 0
     while got < len(view):
+        got += _recv_some(sock, view[got:], deadline)
+
+
+def _recv_some(sock: socket.socket, view: memoryview, deadline: float | None) -> int:
+    """At least one byte into `view`; ConnectionError at the end of the stream, TimeoutError past `deadline`."""
+    while True:
         if deadline is None:
-            n = sock.recv_into(view[got:])
+            n = sock.recv_into(view)
         else:
             try:
-                n = sock.recv_into(view[got:], 0, socket.MSG_DONTWAIT)
+                n = sock.recv_into(view, 0, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 _wait_readable(sock, deadline)
                 continue
         if n == 0:
             raise ConnectionError("the peer closed the connection in the middle of a message")
-        got += n
+        return n
 
 
 def _wait_readable(sock: socket.socket, deadline: float) -> None:
