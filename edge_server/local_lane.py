@@ -227,28 +227,32 @@ class HangupWatcher:
         self._thread.start()
 
     def stop(self) -> None:
-        if self._thread is None or self._wake is None or self._epoll is None:
+        if self._thread is None or self._wake is None:
             return
         os.write(self._wake[1], b"x")
         self._thread.join()
-        self._epoll.close()
+        with self._lock:  # a call still running past the grace period stops being watched
+            assert self._epoll is not None
+            self._epoll.close()
+            self._epoll = None
+            self._calls.clear()
         for fd in self._wake:
             os.close(fd)
-        self._thread, self._wake, self._epoll = None, None, None
+        self._thread, self._wake = None, None
 
     @contextlib.contextmanager
     def watching(self, conn: socket.socket, cancellation: Cancellation) -> Iterator[None]:
         """Cancel `cancellation` if the caller on `conn` hangs up before the block ends."""
         fd = conn.fileno()
         with self._lock:
-            assert self._epoll is not None
-            self._calls[fd] = (conn, cancellation)
-            self._epoll.register(fd, select.EPOLLRDHUP)
+            if self._epoll is not None:  # None once the lane has stopped
+                self._calls[fd] = (conn, cancellation)
+                self._epoll.register(fd, select.EPOLLRDHUP)
         try:
             yield
         finally:
             with self._lock:
-                if self._calls.pop(fd, None) is not None:
+                if self._calls.pop(fd, None) is not None and self._epoll is not None:
                     self._epoll.unregister(fd)
 
     def _run(self, epoll: select.epoll, wake: int) -> None:
