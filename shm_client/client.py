@@ -41,6 +41,10 @@ TRANSPORTS = ("auto", "shm", "grpc")
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
 _STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 _MAX_LEARNED_SIZES = 4096
+# Seconds for the client's own housekeeping calls, which never carry the caller's timeout.
+_PROBE_TIMEOUT = 5.0  # the shared-memory proof: a server that cannot answer it by then is used over gRPC
+_REGISTER_TIMEOUT = 10.0  # registering maps and reserves the region on the server
+_UNREGISTER_TIMEOUT = 2.0  # best effort: the server's reaper drops what a lost unregister leaves
 _SLOT_TOO_SMALL = "its shared-memory slot has"  # the server's words for an output slot that is too small
 _FALLBACK_CODES = {
     grpc.StatusCode.NOT_FOUND,
@@ -163,7 +167,7 @@ class EdgeClient:
         for name in list(self._registered):
             try:
                 self._stub.SystemSharedMemoryUnregister(
-                    pb.SystemSharedMemoryUnregisterRequest(name=name), timeout=2.0
+                    pb.SystemSharedMemoryUnregisterRequest(name=name), timeout=_UNREGISTER_TIMEOUT
                 )
             except grpc.RpcError:
                 pass  # the server drops registrations of vanished segments by itself
@@ -210,7 +214,7 @@ class EdgeClient:
         try:
             probe.write(token)
             reply = self._edgecow.ProbeSharedMemory(
-                edgecow_pb2.ProbeSharedMemoryRequest(key=probe.key, token=token), timeout=5.0
+                edgecow_pb2.ProbeSharedMemoryRequest(key=probe.key, token=token), timeout=_PROBE_TIMEOUT
             )
         except grpc.RpcError as err:
             return False, f"the server does not answer the shared-memory probe ({err.code().name})"
@@ -531,7 +535,7 @@ class EdgeClient:
             request = pb.SystemSharedMemoryRegisterRequest(name=segment.key, key="/" + segment.key,
                                                            offset=0, byte_size=segment.size)
             try:
-                self._stub.SystemSharedMemoryRegister(request, timeout=10.0)
+                self._stub.SystemSharedMemoryRegister(request, timeout=_REGISTER_TIMEOUT)
             except grpc.RpcError as err:
                 if err.code() == grpc.StatusCode.NOT_FOUND:
                     # Its object was unlinked under us (a cleaner ran): a new segment serves the next call
@@ -548,7 +552,7 @@ class EdgeClient:
             self._registered.discard(segment.key)
             try:
                 self._stub.SystemSharedMemoryUnregister(
-                    pb.SystemSharedMemoryUnregisterRequest(name=segment.key), timeout=2.0
+                    pb.SystemSharedMemoryUnregisterRequest(name=segment.key), timeout=_UNREGISTER_TIMEOUT
                 )
             except grpc.RpcError:
                 pass
