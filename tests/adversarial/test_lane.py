@@ -22,6 +22,7 @@ import pytest
 from conftest import REPO_ROOT, ServerProcess, owned_segments
 from transport_helpers import in_flight, lane_path, scale_request, v2_stub
 
+from edge_server.config import ConfigError, load_settings
 from shm_client import EdgeClient
 from shm_client._proto import inference_pb2 as pb
 from shm_client.lane import recv_frame, send_frame
@@ -244,3 +245,18 @@ def test_a_file_at_the_lane_path_is_neither_deleted_nor_served_over(model_repo: 
     assert "exists and is not a socket" in server.log
     assert squatter.read_text() == "not a socket"
     assert not server.socket.exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"lane_read_timeout": 0}, "lane_read_timeout"),
+        ({"lane_read_timeout": "nan"}, "lane_read_timeout"),
+        ({"lane_read_timeout": "inf"}, "lane_read_timeout"),
+        ({"lane_max_connections": 0}, "lane_max_connections"),
+        ({"lane_max_buffered_bytes": 0}, "lane_max_buffered_bytes"),
+    ],
+)
+def test_lane_limits_that_cannot_work_are_refused(overrides: dict, named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        load_settings(overrides=overrides, environ={})
