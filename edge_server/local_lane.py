@@ -73,7 +73,7 @@ class LocalLane:
         listener.listen(BACKLOG)
         self._listener = listener
         self._watcher.start()
-        threading.Thread(target=self._accept, name="edgecow-lane", daemon=True).start()
+        threading.Thread(target=self._accept, args=(listener,), name="edgecow-lane", daemon=True).start()
 
     def stop(self) -> None:
         """Stop listening and close every connection (after the DataPlane has drained)."""
@@ -92,14 +92,10 @@ class LocalLane:
                 conn.shutdown(socket.SHUT_RDWR)
         self._watcher.stop()
 
-    @property
-    def connections(self) -> int:
-        return len(self._connections)
-
-    def _accept(self) -> None:
-        while self._listener is not None:
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
             try:
-                conn, _ = self._listener.accept()
+                conn, _ = listener.accept()
             except OSError:
                 return  # closed by stop()
             with self._lock:
@@ -167,10 +163,6 @@ class ByteBudget:
         self.limit = limit
         self._used = 0
         self._lock = threading.Lock()
-
-    @property
-    def used(self) -> int:
-        return self._used
 
     @contextlib.contextmanager
     def account(self) -> Iterator[_Charge]:

@@ -110,10 +110,6 @@ class Slots:
             else:
                 del self._held[key]
 
-    @property
-    def in_use(self) -> int:
-        return self._count
-
 
 def peer_host(peer: str) -> str:
     """A gRPC peer without its port ("ipv4:10.0.0.7"), so one machine's connections count together;
