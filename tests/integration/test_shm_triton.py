@@ -32,7 +32,8 @@ def _our_entries() -> list[str]:
 
 @pytest.fixture
 def triton(server) -> Iterator[grpcclient.InferenceServerClient]:
-    client = grpcclient.InferenceServerClient(server.tcp_target)
+    # Shared memory is for callers on the unix socket (loopback TCP is remote unless the operator opts in).
+    client = grpcclient.InferenceServerClient(f"unix://{server.socket}")
     yield client
     # Every case leaves nothing behind: no registration, no /dev/shm object.
     assert client.get_system_shared_memory_status(as_json=True).get("regions", {}) == {}
