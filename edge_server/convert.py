@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -19,7 +20,7 @@ from shm_client import datatypes, wire
 from shm_client._proto import inference_pb2 as pb
 from shm_client.errors import InvalidArgument, Unimplemented
 
-from .dataplane import INT64_MAX, InferRequest, InferResponse, InputTensor, RequestedOutput, ShmRef
+from .dataplane import INT64_MAX, Contents, InferRequest, InferResponse, InputTensor, RequestedOutput, ShmRef
 
 SHM_REGION = "shared_memory_region"
 SHM_OFFSET = "shared_memory_offset"
@@ -57,8 +58,25 @@ def _int_param(param: pb.InferParameter, what: str) -> int:
     return value
 
 
-def to_contents_array(tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarray:
-    """The values of a tensor sent as typed `contents`, as an array of its datatype."""
+# The element type each InferTensorContents field has in the proto: values are read straight into
+# it (no Python list, no float64/int64 detour), and narrowed to the tensor's type after a range check.
+_CONTENTS_DTYPES = {
+    "bool_contents": np.dtype(np.bool_),
+    "int_contents": np.dtype(np.int32),
+    "int64_contents": np.dtype(np.int64),
+    "uint_contents": np.dtype(np.uint32),
+    "uint64_contents": np.dtype(np.uint64),
+    "fp32_contents": np.dtype(np.float32),
+    "fp64_contents": np.dtype(np.float64),
+}
+
+
+_CONTENTS_CHUNK = 1 << 16
+
+
+def to_contents(tensor: pb.ModelInferRequest.InferInputTensor) -> Contents:
+    """A tensor's typed `contents`, checked to be in its datatype's field but not decoded yet: the data
+    plane decodes them once it has checked their count and size against the server's limits."""
     dt = datatypes.lookup(tensor.datatype)
     if dt.contents_field is None:
         raise InvalidArgument(f"input {tensor.name!r}: {dt.name} has no typed contents field; send it as raw bytes")
@@ -67,19 +85,32 @@ def to_contents_array(tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarr
             raise InvalidArgument(
                 f"input {tensor.name!r} is {dt.name}, which travels in {dt.contents_field}, not {field.name}"
             )
+    count = len(getattr(tensor.contents, dt.contents_field))
+    # ByteSize is computed by protobuf without making the values into Python objects; for BYTES it
+    # bounds the elements' data from above.
+    data_bytes = tensor.contents.ByteSize() if dt.variable_size else count * dt.itemsize
+    return Contents(count, data_bytes, lambda: to_contents_array(tensor))
+
+
+def to_contents_array(tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarray:
+    """The values of a tensor sent as typed `contents`, as an array of its datatype. They are read in
+    chunks into the result, so a narrower type (INT8 from int_contents) needs no full-size copy in the
+    proto's type beside it."""
+    dt = datatypes.lookup(tensor.datatype)
+    assert dt.contents_field is not None  # to_contents checked it
     values = getattr(tensor.contents, dt.contents_field)
     if dt.variable_size:
-        array = np.empty(len(values), dtype=object)
-        array[:] = list(values)
-        return array
+        return np.fromiter(values, dtype=object, count=len(values))
     dtype = datatypes.numpy_dtype(dt)
-    try:
-        wide = np.array(values)
-        array = wide.astype(dtype)
-    except (OverflowError, ValueError) as err:
-        raise InvalidArgument(f"input {tensor.name!r}: contents do not fit {dt.name} ({err})") from None
-    if wide.size and dtype.kind in "iu" and not np.array_equal(array.astype(wide.dtype), wide):
-        raise InvalidArgument(f"input {tensor.name!r}: contents hold values outside the range of {dt.name}")
+    wire_dtype = _CONTENTS_DTYPES[dt.contents_field]
+    limits = np.iinfo(dtype) if dtype.kind in "iu" and dtype != wire_dtype else None
+    array = np.empty(len(values), dtype=dtype)
+    remaining = iter(values)
+    for start in range(0, len(values), _CONTENTS_CHUNK):
+        chunk = np.fromiter(itertools.islice(remaining, _CONTENTS_CHUNK), dtype=wire_dtype)
+        if limits is not None and (chunk.min() < limits.min or chunk.max() > limits.max):
+            raise InvalidArgument(f"input {tensor.name!r}: contents hold values outside the range of {dt.name}")
+        array[start : start + chunk.size] = chunk
     return array
 
 
@@ -102,7 +133,7 @@ def to_infer_request(
             raise InvalidArgument(f"{what} gives both a shared-memory region and contents; give one")
         if has_contents:
             uses_contents = True
-            item.array = to_contents_array(tensor)
+            item.contents = to_contents(tensor)
         elif shm is None:
             if raw_users < len(raw):
                 item.raw = raw[raw_users]

@@ -39,6 +39,11 @@ from .shm import Region, RegionRegistry
 log = logging.getLogger(__name__)
 INT64_MAX = 2**63 - 1
 ALIGNMENT = 64  # onnxruntime's CPU allocator aligns to 64 bytes
+# What the server holds for one BYTES element beside its data, counted against the limits: its slot
+# in two object arrays (bytes, then the str onnxruntime takes), the Python bytes and str objects'
+# headers, and onnxruntime's std::string. Without it an empty element, 4 bytes on the wire, would
+# count as nothing while costing about 100 (a 64 MiB request of empty strings took 4.5 GiB).
+BYTES_ELEMENT_COST = 128
 
 
 @dataclass(frozen=True)
@@ -50,13 +55,23 @@ class ShmRef:
     offset: int = 0
 
 
+@dataclass(frozen=True)
+class Contents:
+    """Values sent as typed contents, left in the transport's message until the data plane has checked
+    their count and size against the limits: decoding allocates in proportion to the count."""
+
+    count: int  # values given
+    data_bytes: int  # at least the bytes the values hold (what a BYTES tensor's elements carry)
+    decode: Callable[[], np.ndarray]
+
+
 @dataclass
 class InputTensor:
     name: str
     datatype: str
     shape: tuple[int, ...]
     raw: bytes | memoryview | None = None
-    array: np.ndarray | None = None  # from typed contents, already decoded
+    contents: Contents | None = None
     shm: ShmRef | None = None
 
 
@@ -348,16 +363,19 @@ class DataPlane:
     # -- inputs ----------------------------------------------------------------------------------------
     def _feeds(self, model: ModelRuntime, inputs: list[InputTensor], region: Any) -> dict[str, np.ndarray]:
         feeds: dict[str, np.ndarray] = {}
+        held = _HeldBytes(self.settings.max_request_bytes)
         for tensor in inputs:  # names were checked by _check_input_names
             spec = model.spec(tensor.name)
             assert spec is not None
-            feeds[tensor.name] = self._input_array(spec, tensor, region)
+            feeds[tensor.name] = self._input_array(spec, tensor, region, held)
         missing = [s.name for s in model.inputs if s.name not in feeds]
         if missing:
             raise InvalidArgument(f"model {model.name!r} needs input(s) {', '.join(missing)} which the request lacks")
         return feeds
 
-    def _input_array(self, spec: TensorSpec, tensor: InputTensor, region: Any) -> np.ndarray:
+    def _input_array(self, spec: TensorSpec, tensor: InputTensor, region: Any, held: _HeldBytes) -> np.ndarray:
+        """The input as an array, after its shape and size are checked against the model and the limits.
+        Nothing proportional to its element count is allocated before those checks."""
         what = f"input {tensor.name!r}"
         dt = datatypes.lookup(tensor.datatype)
         if dt.name != spec.datatype.name:
@@ -365,43 +383,76 @@ class DataPlane:
         dtype = datatypes.numpy_dtype(dt)
         shape = check_shape(spec, tensor.shape, what, self.settings.max_elements)
         count = datatypes.element_count(shape)
-        if not dt.variable_size and count * dt.itemsize > self.settings.max_tensor_bytes:
-            raise ResourceExhausted(
-                f"{what} is {count * dt.itemsize} bytes; this server takes tensors up to "
-                f"{self.settings.max_tensor_bytes} bytes"
-            )
-        if tensor.array is not None:
-            if tensor.array.size != count:
-                raise InvalidArgument(f"{what} has {tensor.array.size} values in contents but shape {list(shape)} "
-                                      f"needs {count}")
-            return tensor.array.reshape(shape)
+        if not dt.variable_size:
+            self._check_tensor_bytes(count * dt.itemsize, what)
+        if tensor.contents is not None:
+            if tensor.contents.count != count:
+                raise InvalidArgument(f"{what} has {tensor.contents.count} values in contents but shape "
+                                      f"{list(shape)} needs {count}")
+            size = count * dt.itemsize
+            if dt.variable_size:
+                size = self._bytes_tensor_size(count, tensor.contents.data_bytes, what)
+            held.add(size, what)
+            return tensor.contents.decode().reshape(shape)
         if tensor.shm is not None:
             ref = tensor.shm
-            held = region(ref.region)
+            region_held = region(ref.region)
             if dt.variable_size:
-                return _decode_bytes(held.raw(ref.offset, ref.byte_size, what), count, what).reshape(shape)
+                buffer = region_held.raw(ref.offset, ref.byte_size, what)
+                return self._bytes_input(buffer, count, what, held).reshape(shape)
             expected = count * dt.itemsize
             if ref.byte_size != expected:
                 raise InvalidArgument(
                     f"{what} has shared_memory_byte_size {ref.byte_size} but shape {list(shape)} of {dt.name} "
                     f"needs {expected} bytes"
                 )
-            return held.view(ref.offset, expected, dtype, shape, what)
+            # A view on the caller's mapping: the server holds none of it, so it is not added to `held`.
+            return region_held.view(ref.offset, expected, dtype, shape, what)
         if tensor.raw is None:
             raise InvalidArgument(f"{what} has no data: give contents, a raw entry or a shared-memory region")
         if dt.variable_size:
-            return _decode_bytes(tensor.raw, count, what).reshape(shape)
+            return self._bytes_input(tensor.raw, count, what, held).reshape(shape)
         expected = count * dt.itemsize
         if len(tensor.raw) != expected:
             raise InvalidArgument(
                 f"{what} has {len(tensor.raw)} raw bytes but shape {list(shape)} of {dt.name} needs {expected}"
             )
+        held.add(expected, what)
         array = np.frombuffer(tensor.raw, dtype=dtype, count=count).reshape(shape)
         if array.ctypes.data % ALIGNMENT:
             # A view into the received message sits wherever protobuf framing put it; onnxruntime's kernels
             # take other (numerically different) paths for unaligned data, so it gets its own aligned copy.
             return aligned_copy(array)
         return array
+
+    def _check_tensor_bytes(self, size: int, what: str) -> None:
+        if size > self.settings.max_tensor_bytes:
+            raise ResourceExhausted(
+                f"{what} is {size} bytes; this server takes tensors up to {self.settings.max_tensor_bytes} bytes "
+                "(max_tensor_bytes)"
+            )
+
+    def _bytes_tensor_size(self, count: int, data_bytes: int, what: str) -> int:
+        """What a BYTES tensor of `count` elements holding `data_bytes` costs the server, checked
+        against max_tensor_bytes."""
+        size = data_bytes + count * BYTES_ELEMENT_COST
+        if size > self.settings.max_tensor_bytes:
+            raise ResourceExhausted(
+                f"{what} takes {size} bytes in the server ({count} BYTES elements at {BYTES_ELEMENT_COST} bytes "
+                f"each plus {data_bytes} bytes of data); this server takes tensors up to "
+                f"{self.settings.max_tensor_bytes} bytes (max_tensor_bytes)"
+            )
+        return size
+
+    def _bytes_input(self, buffer: bytes | memoryview, count: int, what: str, held: _HeldBytes) -> np.ndarray:
+        """A BYTES tensor in the v2 layout (4-byte length, then the data, per element), decoded once
+        its cost is within the limits."""
+        try:
+            data_bytes = datatypes.bytes_data_size(memoryview(buffer).nbytes, count)
+        except InvalidArgument as err:
+            raise InvalidArgument(f"{what}: {err.message}") from None
+        held.add(self._bytes_tensor_size(count, data_bytes, what), what)
+        return _decode_bytes(buffer, count, what)
 
     # -- outputs ---------------------------------------------------------------------------------------
     def _wanted_outputs(self, model: ModelRuntime, requested: list[RequestedOutput]) -> list[RequestedOutput]:
@@ -475,6 +526,24 @@ class DataPlane:
         target = held.raw(output.shm.offset, size, what)
         target[:] = data if isinstance(data, bytes) else np.ascontiguousarray(value).reshape(-1).view(np.uint8)
         return result
+
+
+class _HeldBytes:
+    """The bytes the server holds for one request's inputs (the message's raw tensors, decoded contents
+    and BYTES elements; not shared-memory views), against max_request_bytes: typed contents and BYTES
+    take more room decoded than on the wire, so the message size alone does not bound them."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.total = 0
+
+    def add(self, size: int, what: str) -> None:
+        self.total += size
+        if self.total > self.limit:
+            raise ResourceExhausted(
+                f"the request's inputs take {self.total} bytes in the server once {what} is decoded; this server "
+                f"takes up to {self.limit} bytes per request (max_request_bytes)"
+            )
 
 
 def _decode_bytes(buffer: bytes | memoryview, count: int, what: str) -> np.ndarray:

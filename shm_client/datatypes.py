@@ -114,43 +114,78 @@ def byte_size(dt: DataType, shape: Sequence[int]) -> int:
 # BYTES: each element is a 4-byte little-endian length followed by that many bytes.
 
 _LEN = struct.Struct("<I")
+_MAX_ELEMENT = 2**32 - 1
 
 
 def encode_bytes(array: np.ndarray) -> bytes:
-    """Serialise a str/bytes/object array into the v2 BYTES layout (row-major)."""
-    parts = []
-    for item in np.asarray(array, dtype=object).reshape(-1):
-        data = item.encode("utf-8") if isinstance(item, str) else bytes(item)
-        parts.append(_LEN.pack(len(data)))
-        parts.append(data)
-    return b"".join(parts)
+    """Serialise a str/bytes/object array into the v2 BYTES layout (row-major).
+
+    The result is filled in place: the length prefixes in a few numpy passes, the payloads one copy
+    each, so n elements cost a few words apiece on top of the result rather than 2n small objects.
+    """
+    items = [item.encode("utf-8") if isinstance(item, str) else bytes(item)
+             for item in np.asarray(array, dtype=object).reshape(-1)]
+    count = len(items)
+    lengths = np.fromiter(map(len, items), dtype=np.int64, count=count)
+    if count and lengths.max() > _MAX_ELEMENT:
+        raise InvalidArgument("a BYTES element is 4 GiB or larger, more than its 4-byte length prefix can give")
+    out = np.empty(_LEN.size * count + int(lengths.sum()), dtype=np.uint8)
+    starts = np.arange(0, _LEN.size * count, _LEN.size, dtype=np.int64)
+    if count > 1:
+        starts[1:] += np.cumsum(lengths[:-1])
+    prefixes = lengths.astype("<u4").view(np.uint8).reshape(count, _LEN.size)
+    for byte in range(_LEN.size):
+        out[starts] = prefixes[:, byte]
+        starts += 1
+    view = memoryview(out)
+    pos = 0
+    for item in items:
+        pos += _LEN.size
+        if item:
+            end = pos + len(item)
+            view[pos:end] = item
+            pos = end
+    return out.tobytes()
+
+
+def bytes_data_size(size: int, count: int) -> int:
+    """The bytes of element data in a BYTES tensor of `size` bytes and `count` elements (all but the
+    length prefixes); INVALID_ARGUMENT when `size` cannot even hold the prefixes, which refuses a
+    shape of 2^31 elements before anything is allocated for them."""
+    if count * _LEN.size > size:
+        raise InvalidArgument(
+            f"BYTES tensor is truncated: {count} elements need at least {count * _LEN.size} bytes of length "
+            f"prefixes but it has {size} bytes"
+        )
+    return size - count * _LEN.size
 
 
 def decode_bytes(buffer: bytes | memoryview, count: int) -> np.ndarray:
     """Parse `count` BYTES elements; INVALID_ARGUMENT if the buffer is truncated or has bytes left over."""
     view = memoryview(buffer)
-    pos, end = 0, len(view)
-    # Every element has a 4-byte prefix: a shape that claims more elements than that allows is refused
-    # before the object array is allocated (a shape of 2^31 would otherwise ask for 16 GiB).
-    if count * _LEN.size > end:
-        raise InvalidArgument(
-            f"BYTES tensor is truncated: {count} elements need at least {count * _LEN.size} bytes of length "
-            f"prefixes but it has {end} bytes"
-        )
+    end = len(view)
+    bytes_data_size(end, count)  # before the object array is allocated
     items = np.empty(count, dtype=object)
-    for i in range(count):
-        if pos + 4 > end:
-            raise InvalidArgument(
-                f"BYTES tensor is truncated: element {i} of {count} has no 4-byte length prefix"
-            )
-        (length,) = _LEN.unpack_from(view, pos)
-        pos += 4
-        if pos + length > end:
-            raise InvalidArgument(
-                f"BYTES tensor is truncated: element {i} claims {length} bytes but only {end - pos} remain"
-            )
-        items[i] = bytes(view[pos : pos + length])
-        pos += length
+    unpack = _LEN.unpack_from
+    pos = i = 0
+    try:
+        for i in range(count):
+            (length,) = unpack(view, pos)
+            pos += _LEN.size
+            if not length:
+                items[i] = b""  # the shared empty bytes object: empty elements cost only their slot
+                continue
+            stop = pos + length
+            if stop > end:
+                raise InvalidArgument(
+                    f"BYTES tensor is truncated: element {i} claims {length} bytes but only {end - pos} remain"
+                )
+            items[i] = view[pos:stop].tobytes()
+            pos = stop
+    except struct.error:  # fewer than 4 bytes left where a length prefix should be
+        raise InvalidArgument(
+            f"BYTES tensor is truncated: element {i} of {count} has no 4-byte length prefix"
+        ) from None
     if pos != end:
         raise InvalidArgument(
             f"BYTES tensor has {end - pos} bytes after its {count} elements; check the shape or the length prefixes"
