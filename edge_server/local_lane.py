@@ -38,6 +38,7 @@ from .transport import InferAdapter
 
 log = logging.getLogger(__name__)
 
+REPLY_FLUSH_TIMEOUT = 5.0  # seconds stop() waits for replies of calls the data plane has finished
 BACKLOG = 64  # connections the kernel queues before accept(); callers connect once per thread
 _OK = b"\x00"
 
@@ -52,6 +53,8 @@ class LocalLane:
         self._listener: socket.socket | None = None
         self._connections: set[socket.socket] = set()
         self._lock = threading.Lock()
+        self._answering = 0  # calls between their request and their reply being sent
+        self._answered = threading.Condition(self._lock)
         self._buffers = ByteBudget(settings.lane_max_buffered_bytes)
         self._watcher = HangupWatcher()
 
@@ -86,6 +89,9 @@ class LocalLane:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         with self._lock:
+            # The data plane has drained, but a call it finished may not have sent its reply yet: cutting
+            # the connection now would lose an answer the server already computed.
+            self._answered.wait_for(lambda: self._answering == 0, REPLY_FLUSH_TIMEOUT)
             connections = list(self._connections)
         for conn in connections:
             with contextlib.suppress(OSError):
@@ -141,6 +147,16 @@ class LocalLane:
         return True
 
     def _handle(self, conn: socket.socket, body: bytearray) -> None:
+        with self._lock:
+            self._answering += 1
+        try:
+            self._answer(conn, body)
+        finally:
+            with self._lock:
+                self._answering -= 1
+                self._answered.notify_all()
+
+    def _answer(self, conn: socket.socket, body: bytearray) -> None:
         cancellation = Cancellation()
         try:
             with self._watcher.watching(conn, cancellation):
