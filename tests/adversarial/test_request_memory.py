@@ -8,6 +8,8 @@ request stays within a small multiple of it.
 from __future__ import annotations
 
 import os
+import struct
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -183,6 +185,34 @@ def test_narrow_typed_contents_are_range_checked_without_a_wide_copy(
     bad = _contents_request("identity_int8", "INT8", [2], 2, wire.encode_varint(5) + wire.encode_varint(300))
     code, message = caller.refused(bad)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "outside the range of INT8" in message
+
+
+def _reference_encoding(items: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(item)) + item for item in items)
+
+
+@pytest.mark.parametrize("items", [
+    [b""] * 300_000,
+    [b"abc"] * 300_000,
+    [b"x" * 100_000] + [b"", "é", b"yz"] * 100_000,  # mostly short, one long: filled, not joined
+    [b"k" * 4096] * 256,  # long elements: joined
+], ids=["empty", "short", "mixed", "long"])
+def test_encoding_many_bytes_elements_takes_a_few_words_each(items: list) -> None:
+    """The response side of a BYTES output: 2n small objects per n elements were 220 bytes each."""
+    array = np.empty(len(items), dtype=object)
+    array[:] = items
+    expected = _reference_encoding([item.encode() if isinstance(item, str) else item for item in items])
+    tracemalloc.start()
+    try:
+        encoded = datatypes.encode_bytes(array)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert encoded == expected
+    assert peak <= 2 * len(expected) + 64 * len(items), f"{peak / len(items):.0f} bytes per element"
+    assert datatypes.decode_bytes(encoded, len(items)).tolist() == [
+        item.encode() if isinstance(item, str) else item for item in items
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------
