@@ -37,8 +37,8 @@ SERVE_FLAGS = {
     "--providers": ("providers", str, "comma-separated execution providers, or 'auto' (default)"),
     "--max-inflight-per-model": ("max_inflight_per_model", int, "calls one model runs at once (default: 8)"),
     "--max-queue-per-model": ("max_queue_per_model", int, "calls that may wait for a model (default: 64)"),
-    "--max-request-bytes": ("max_request_bytes", int, "largest gRPC request accepted"),
-    "--max-tensor-bytes": ("max_tensor_bytes", int, "largest fixed-size input tensor in bytes"),
+    "--max-request-bytes": ("max_request_bytes", int, "largest request, and most its inputs may take decoded"),
+    "--max-tensor-bytes": ("max_tensor_bytes", int, "largest input tensor (BYTES: data + 128 per element)"),
     "--max-elements": ("max_elements", int, "most elements one input tensor may have"),
     "--local-peers": ("local_peers", str, "which callers may use shared memory and repository control: "
                       "'unix' (default: the socket's group), or 'unix,loopback' (any local user on 127.0.0.1 "
