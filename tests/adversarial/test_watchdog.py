@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import grpc
 import numpy as np
-from conftest import ServerProcess
-from transport_helpers import Notify, live, scale_answers, self_signed, v2_stub
+from conftest import ServerProcess, self_signed
+from transport_helpers import Notify, live, scale_answers, v2_stub
 
 from shm_client import EdgeClient
 from shm_client._proto import inference_pb2 as pb
