@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from edge_server import __version__
-from shm_client.errors import EdgecowError
+from shm_client.shared.errors import EdgecowError
 
 SERVE_FLAGS = {
     # flag: (settings key, type, help)
@@ -288,16 +288,16 @@ def _models_import(args: argparse.Namespace) -> int:
 
 
 def _install(args: argparse.Namespace) -> int:
-    from . import systemd
+    from . import install
 
-    for change in systemd.install(args.root, dry_run=args.dry_run, gpu=args.gpu):
+    for change in install.install(args.root, dry_run=args.dry_run, gpu=args.gpu):
         print(f"{change.action:9} {change.path}")
     return 0
 
 
 def _uninstall(args: argparse.Namespace) -> int:
-    from . import systemd
+    from . import install
 
-    for change in systemd.uninstall(args.root, dry_run=args.dry_run):
+    for change in install.uninstall(args.root, dry_run=args.dry_run):
         print(f"{change.action:9} {change.path}")
     return 0

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shm_client.errors import InvalidArgument
+from shm_client.shared.errors import InvalidArgument
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from shm_client import datatypes, wire
-from shm_client._proto import inference_pb2 as pb
-from shm_client.errors import InvalidArgument, Unimplemented
+from shm_client.shared import datatypes, wire
+from shm_client.shared._proto import inference_pb2 as pb
+from shm_client.shared.errors import InvalidArgument, Unimplemented
 
 from .dataplane import INT64_MAX, Contents, InferRequest, InferResponse, InputTensor, RequestedOutput, ShmRef
 
@@ -175,7 +175,7 @@ def request_timeout(request: pb.ModelInferRequest) -> float | None:
 
 def from_infer_response(response: InferResponse) -> tuple[pb.ModelInferResponse, list[bytes | np.ndarray]]:
     """The response message without its raw entries, and those entries: one per output in order, an
-    empty one for an output in shared memory. The arrays are not copied here; see shm_client.wire."""
+    empty one for an output in shared memory. The arrays are not copied here; see shm_client.shared.wire."""
     message = pb.ModelInferResponse(model_name=response.model, model_version=response.version, id=response.id)
     raw: list[bytes | np.ndarray] = []
     for output in response.outputs:

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from shm_client import datatypes
-from shm_client.errors import (
+from shm_client.shared import datatypes
+from shm_client.shared.errors import (
     DeadlineExceeded,
     EdgecowError,
     InvalidArgument,
@@ -32,9 +32,9 @@ from shm_client.errors import (
 )
 
 from .config import Settings
+from .regions import Region, RegionRegistry
 from .repository import ModelStore
 from .runtime import ModelRuntime, TensorSpec
-from .shm import Region, RegionRegistry
 
 log = logging.getLogger(__name__)
 INT64_MAX = 2**63 - 1

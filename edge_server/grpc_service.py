@@ -23,10 +23,10 @@ import grpc
 import psutil
 
 from edge_server import __version__
-from shm_client._proto import edgecow_pb2, edgecow_pb2_grpc
-from shm_client._proto import inference_pb2 as pb
-from shm_client._proto import inference_pb2_grpc as pb_grpc
-from shm_client.errors import (
+from shm_client.shared._proto import edgecow_pb2, edgecow_pb2_grpc
+from shm_client.shared._proto import inference_pb2 as pb
+from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
+from shm_client.shared.errors import (
     EdgecowError,
     InvalidArgument,
     NotFound,
@@ -38,9 +38,9 @@ from shm_client.errors import (
 from . import convert
 from .config import Settings
 from .dataplane import Cancellation, DataPlane
+from .regions import Beacon, RegionRegistry, probe_client_segment
 from .repository import ModelStore
 from .runtime import ModelRuntime, usable_providers
-from .shm import Beacon, RegionRegistry, probe_client_segment
 from .transport import InferAdapter, Slots, peer_host
 
 log = logging.getLogger(__name__)
@@ -439,7 +439,7 @@ class _Captured:
 
 def add_services(server: grpc.Server, state: ServerState) -> None:
     # The generated registration for the v2 service, with ModelInfer's codec swapped for one that
-    # leaves raw tensors out of protobuf (see shm_client.wire): the large-tensor path copies each
+    # leaves raw tensors out of protobuf (see shm_client.shared.wire): the large-tensor path copies each
     # tensor once instead of five or six times.
     captured = _Captured()
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(state), captured)

@@ -1,4 +1,4 @@
-"""The server end of the local lane (see shm_client/lane.py): ModelInfer on a plain unix stream socket.
+"""The server end of the local lane (see shm_client/shared/framing.py): ModelInfer on a plain unix stream socket.
 
     lane = LocalLane(Path("/run/edgecow/edgecow-lane.sock"), InferAdapter(plane), settings)
     lane.start(); ...; lane.stop()
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import grpc
 
-from shm_client import lane
-from shm_client.errors import EdgecowError, FailedPrecondition, ResourceExhausted
+from shm_client.shared import framing
+from shm_client.shared.errors import EdgecowError, FailedPrecondition, ResourceExhausted
 
 from . import convert
 from .config import Settings
@@ -128,10 +128,10 @@ class LocalLane:
         """Read and answer one request; False when the connection is to be closed."""
         with self._buffers.account() as charge:
             try:
-                body = lane.recv_frame(
+                body = framing.recv_frame(
                     conn, self.settings.max_request_bytes, self.settings.lane_read_timeout, charge
                 )
-            except lane.FrameTooLarge as err:
+            except framing.FrameTooLarge as err:
                 self._reply_error(conn, ResourceExhausted(f"{err}; send the tensors through shared memory"))
                 return False  # the rest of the oversized message cannot be skipped safely
             except ResourceExhausted as err:
@@ -164,12 +164,12 @@ class LocalLane:
         except EdgecowError as err:
             self._reply_error(conn, err)
             return
-        lane.send_frame(conn, _OK, convert.encode_infer_response(result))
+        framing.send_frame(conn, _OK, convert.encode_infer_response(result))
 
     @staticmethod
     def _reply_error(conn: socket.socket, err: EdgecowError) -> None:
         code = err.code.value[0] if isinstance(err.code, grpc.StatusCode) else grpc.StatusCode.INTERNAL.value[0]
-        lane.send_frame(conn, bytes([code]), err.message.encode("utf-8", "replace"))
+        framing.send_frame(conn, bytes([code]), err.message.encode("utf-8", "replace"))
 
 
 class ByteBudget:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shm_client.errors import EdgecowError, InvalidArgument, NotFound, Unavailable
+from shm_client.shared.errors import EdgecowError, InvalidArgument, NotFound, Unavailable
 
 from .config import ConfigError, Settings, read_toml
 

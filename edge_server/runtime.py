@@ -22,9 +22,9 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _pybind
 
-from shm_client import datatypes
-from shm_client.datatypes import DataType
-from shm_client.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
+from shm_client.shared import datatypes
+from shm_client.shared.datatypes import DataType
+from shm_client.shared.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
 

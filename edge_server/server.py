@@ -27,17 +27,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from shm_client._proto import POOL
-from shm_client.errors import EdgecowError, FailedPrecondition
+from shm_client.shared._proto import POOL
+from shm_client.shared.errors import EdgecowError, FailedPrecondition
 
 from .config import Settings, load_settings
 from .dataplane import DataPlane
 from .grpc_service import ServerState, add_services
 from .local_lane import LocalLane
+from .regions import Beacon, RegionRegistry
 from .repository import ModelStore, Repository
 from .runtime import gpu_usable
-from .shm import Beacon, RegionRegistry
-from .systemd import Notifier, Watchdog
+from .sd_notify import Notifier, Watchdog
 from .transport import InferAdapter
 
 log = logging.getLogger("edgecow")

@@ -19,8 +19,8 @@ import threading
 import urllib.parse
 from typing import Any
 
-from shm_client._proto import inference_pb2 as pb
-from shm_client.errors import EdgecowError, InvalidArgument, ResourceExhausted
+from shm_client.shared._proto import inference_pb2 as pb
+from shm_client.shared.errors import EdgecowError, InvalidArgument, ResourceExhausted
 
 from . import convert
 from .dataplane import Cancellation, DataPlane

@@ -5,6 +5,6 @@
 """
 
 from .client import EdgeClient, ZeroCopyResult, resolve_target
-from .errors import EdgecowError
+from .shared.errors import EdgecowError
 
 __all__ = ["EdgeClient", "EdgecowError", "ZeroCopyResult", "resolve_target"]

@@ -26,13 +26,14 @@ from typing import Any
 import grpc
 import numpy as np
 
-from . import datatypes, wire
-from ._proto import edgecow_pb2, edgecow_pb2_grpc
-from ._proto import inference_pb2 as pb
-from ._proto import inference_pb2_grpc as pb_grpc
-from .errors import EdgecowError, InvalidArgument, from_rpc_error
 from .lane import LaneConnection
-from .regions import CLIENT_PREFIX, Segment, SegmentPool, process_alive, sweep_dead, unique_key
+from .pool import SegmentPool
+from .shared import datatypes, wire
+from .shared._proto import edgecow_pb2, edgecow_pb2_grpc
+from .shared._proto import inference_pb2 as pb
+from .shared._proto import inference_pb2_grpc as pb_grpc
+from .shared.errors import EdgecowError, InvalidArgument, from_rpc_error
+from .shared.segments import CLIENT_PREFIX, Segment, process_alive, sweep_dead, unique_key
 
 log = logging.getLogger("edgecow.client")
 
@@ -133,7 +134,7 @@ class EdgeClient:
             self._channel = grpc.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._edgecow = edgecow_pb2_grpc.EdgecowServiceStub(self._channel)
-        # ModelInfer with raw tensors kept out of protobuf's copies (see shm_client.wire); the wire
+        # ModelInfer with raw tensors kept out of protobuf's copies (see shm_client.shared.wire); the wire
         # format is the standard one, so any v2 server answers it.
         self._model_infer = self._channel.unary_unary(
             "/inference.GRPCInferenceService/ModelInfer",

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from onnx import TensorProto
 
-from shm_client.regions import Segment
+from shm_client.shared.segments import Segment
 
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -25,9 +25,9 @@ import numpy as np
 from conftest import ServerProcess
 from onnx import TensorProto
 
-from shm_client._proto import inference_pb2 as pb
-from shm_client._proto import inference_pb2_grpc as pb_grpc
-from shm_client.regions import SHM_DIR, Segment
+from shm_client.shared._proto import inference_pb2 as pb
+from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
+from shm_client.shared.segments import SHM_DIR, Segment
 
 FALLOC_FL_KEEP_SIZE = 1
 FALLOC_FL_PUNCH_HOLE = 2

@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from edge_server.convert import decode_infer_request
-from shm_client import wire
-from shm_client._proto import inference_pb2 as pb
+from shm_client.shared import wire
+from shm_client.shared._proto import inference_pb2 as pb
 
 # ---------------------------------------------------------------------------------------------------
 # Encoding helpers: any varint, written in its shortest form or padded, or with bits past 64.

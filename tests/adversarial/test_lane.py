@@ -24,8 +24,8 @@ from transport_helpers import in_flight, lane_path, scale_request, v2_stub
 
 from edge_server.config import ConfigError, load_settings
 from shm_client import EdgeClient
-from shm_client._proto import inference_pb2 as pb
-from shm_client.lane import recv_frame, send_frame
+from shm_client.shared._proto import inference_pb2 as pb
+from shm_client.shared.framing import recv_frame, send_frame
 
 READ_TIMEOUT = 1.0
 BUFFER_BUDGET = 2_000_000
@@ -169,7 +169,7 @@ def test_lane_connections_are_bounded(model_repo: Path, tmp_path: Path, wait_unt
 DYING_CALLER = textwrap.dedent(
     """
     import socket, sys
-    from shm_client.lane import recv_frame, send_frame
+    from shm_client.shared.framing import recv_frame, send_frame
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(sys.argv[1])
     send_frame(sock, sys.stdin.buffer.read())

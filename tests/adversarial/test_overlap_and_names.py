@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from conftest import ServerProcess, owned_segments
 
-from shm_client._proto import inference_pb2 as pb
-from shm_client._proto import inference_pb2_grpc as pb_grpc
+from shm_client.shared._proto import inference_pb2 as pb
+from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
 
 PREFIX = f"advovl-{os.getpid()}-"
 MANY = 8000

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from conftest import ServerProcess, owned_segments
 
-from shm_client import datatypes, wire
-from shm_client._proto import inference_pb2 as pb
-from shm_client._proto import inference_pb2_grpc as pb_grpc
+from shm_client.shared import datatypes, wire
+from shm_client.shared._proto import inference_pb2 as pb
+from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
 
 MiB = 1 << 20
 PREFIX = f"advmem-{os.getpid()}-"

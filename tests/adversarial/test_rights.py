@@ -23,14 +23,14 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT, ServerProcess, owned_segments
 
-from shm_client._proto import inference_pb2 as pb
-from shm_client._proto import inference_pb2_grpc as pb_grpc
+from shm_client.shared._proto import inference_pb2 as pb
+from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
 
 ATTACK = """
 import json, os, sys
 import grpc
 import numpy as np
-from shm_client._proto import inference_pb2 as pb, inference_pb2_grpc as pb_grpc
+from shm_client.shared._proto import inference_pb2 as pb, inference_pb2_grpc as pb_grpc
 
 tcp, unix_socket, victim_key = sys.argv[1:4]
 nobody = int(sys.argv[4]), int(sys.argv[5])

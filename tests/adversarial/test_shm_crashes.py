@@ -27,10 +27,10 @@ import pytest
 from conftest import REPO_ROOT, ServerProcess, owned_segments
 from onnx import TensorProto, helper
 
-from shm_client._proto import edgecow_pb2, edgecow_pb2_grpc
-from shm_client._proto import inference_pb2 as pb
-from shm_client._proto import inference_pb2_grpc as pb_grpc
-from shm_client.regions import SHM_DIR
+from shm_client.shared._proto import edgecow_pb2, edgecow_pb2_grpc
+from shm_client.shared._proto import inference_pb2 as pb
+from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
+from shm_client.shared.segments import SHM_DIR
 
 TESTS = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "shm_tmpfs_worker.py"
@@ -312,9 +312,9 @@ MISSING_GUARD_CHILD = textwrap.dedent("""
     import logging, sys
     sys.modules["edge_server._sigbus_guard"] = None  # as if the extension had not been built
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from edge_server.shm import RegionRegistry, probe_client_segment
-    from shm_client.errors import EdgecowError
-    from shm_client.regions import Segment
+    from edge_server.regions import RegionRegistry, probe_client_segment
+    from shm_client.shared.errors import EdgecowError
+    from shm_client.shared.segments import Segment
     segment = Segment.create(sys.argv[1], 4096)
     try:
         registry = RegionRegistry()

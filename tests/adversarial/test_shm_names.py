@@ -20,11 +20,11 @@ import pytest
 from conftest import ServerProcess, owned_segments
 from onnx import TensorProto
 
-from edge_server.shm import pid_alive
+from edge_server.regions import pid_alive
 from shm_client import EdgeClient
-from shm_client._proto import inference_pb2 as pb
-from shm_client._proto import inference_pb2_grpc as pb_grpc
-from shm_client.regions import CLIENT_PREFIX, PID_MAX_LIMIT, SERVER_PREFIX, SHM_DIR, owner_pid, process_alive
+from shm_client.shared._proto import inference_pb2 as pb
+from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
+from shm_client.shared.segments import CLIENT_PREFIX, PID_MAX_LIMIT, SERVER_PREFIX, SHM_DIR, owner_pid, process_alive
 
 TAG = f"names{os.getpid()}"
 KEY_PREFIX = f"edgecow-test-{os.getpid()}-names-"

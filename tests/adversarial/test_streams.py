@@ -13,7 +13,7 @@ from conftest import ServerProcess
 from transport_helpers import IdleStream, Notify, in_flight, live, scale_answers, v2_stub
 
 from edge_server.config import ConfigError, load_settings
-from shm_client._proto import inference_pb2 as pb
+from shm_client.shared._proto import inference_pb2 as pb
 
 WORKERS = 8
 

@@ -12,8 +12,8 @@ from conftest import ServerProcess, self_signed
 from transport_helpers import Notify, live, scale_answers, v2_stub
 
 from shm_client import EdgeClient
-from shm_client._proto import inference_pb2 as pb
-from shm_client._proto import inference_pb2_grpc as pb_grpc
+from shm_client.shared._proto import inference_pb2 as pb
+from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
 
 WATCHDOG_USEC = 400_000  # a ping every 0.2 s while the check passes
 

@@ -18,9 +18,9 @@ import grpc
 import numpy as np
 from conftest import ServerProcess
 
-from shm_client._proto import edgecow_pb2, edgecow_pb2_grpc
-from shm_client._proto import inference_pb2 as pb
-from shm_client._proto import inference_pb2_grpc as pb_grpc
+from shm_client.shared._proto import edgecow_pb2, edgecow_pb2_grpc
+from shm_client.shared._proto import inference_pb2 as pb
+from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
 
 
 class Notify:

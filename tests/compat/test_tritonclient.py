@@ -16,8 +16,8 @@ import tritonclient.grpc as triton
 from conftest import ServerProcess, random_array
 from tritonclient.utils import InferenceServerException
 
-from shm_client._proto import inference_pb2 as pb
-from shm_client._proto import inference_pb2_grpc as pb_grpc
+from shm_client.shared._proto import inference_pb2 as pb
+from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
 
 IDENTITY_CASES = [
     ("identity_float", "FP32", "float32"),

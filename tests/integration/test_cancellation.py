@@ -12,7 +12,7 @@ import textwrap
 import grpc
 from conftest import ServerProcess
 
-from shm_client._proto import edgecow_pb2, edgecow_pb2_grpc
+from shm_client.shared._proto import edgecow_pb2, edgecow_pb2_grpc
 
 CLIENT = textwrap.dedent(
     """

@@ -16,7 +16,7 @@ import pytest
 from conftest import ServerProcess, random_array
 
 from shm_client import EdgeClient
-from shm_client.errors import EdgecowError, InvalidArgument
+from shm_client.shared.errors import EdgecowError, InvalidArgument
 
 IDENTITY_DTYPES = {
     "identity_float": "float32",

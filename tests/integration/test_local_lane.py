@@ -16,8 +16,8 @@ import pytest
 from conftest import ServerProcess
 
 from shm_client import EdgeClient, EdgecowError
-from shm_client._proto import inference_pb2 as pb
-from shm_client.lane import recv_frame, send_frame
+from shm_client.shared._proto import inference_pb2 as pb
+from shm_client.shared.framing import recv_frame, send_frame
 
 
 def _lane_path(server: ServerProcess) -> Path:

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from conftest import ServerProcess
 
-from shm_client._proto import edgecow_pb2, edgecow_pb2_grpc
-from shm_client._proto import inference_pb2 as pb
-from shm_client._proto import inference_pb2_grpc as pb_grpc
+from shm_client.shared._proto import edgecow_pb2, edgecow_pb2_grpc
+from shm_client.shared._proto import inference_pb2 as pb
+from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
 
 SLOW_ITERATIONS = 100_000  # about 4 s of work on one core (about 0.04 ms per iteration)
 

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from shm_client import EdgeClient
-from shm_client._proto import edgecow_pb2, edgecow_pb2_grpc
+from shm_client.shared._proto import edgecow_pb2, edgecow_pb2_grpc
 
 
 def test_health_service_reports_serving_for_the_server_and_the_v2_service(server: ServerProcess) -> None:
@@ -88,7 +88,7 @@ def test_calls_on_one_model_run_concurrently(server: ServerProcess) -> None:
 
 @pytest.mark.parametrize("service", ["inference.GRPCInferenceService", "edgecow.v1.EdgecowService"])
 def test_server_metadata_lists_the_extensions(server: ServerProcess, service: str) -> None:
-    from shm_client._proto import inference_pb2, inference_pb2_grpc
+    from shm_client.shared._proto import inference_pb2, inference_pb2_grpc
 
     with grpc.insecure_channel(server.tcp_target) as channel:
         reply = inference_pb2_grpc.GRPCInferenceServiceStub(channel).ServerMetadata(

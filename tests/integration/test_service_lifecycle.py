@@ -20,7 +20,7 @@ import pytest
 import tritonclient.grpc as triton
 from conftest import ServerProcess
 
-from shm_client._proto import inference_pb2, inference_pb2_grpc
+from shm_client.shared._proto import inference_pb2, inference_pb2_grpc
 
 Predicate = Callable[[list[dict[str, str]]], bool]
 SLOW_ITERATIONS = 50_000  # about 2 s of work on an idle core (about 0.04 ms per iteration)

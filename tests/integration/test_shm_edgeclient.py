@@ -23,9 +23,9 @@ import pytest
 from conftest import REPO_ROOT, ServerProcess, random_array
 
 from shm_client import EdgeClient, ZeroCopyResult
-from shm_client._proto import inference_pb2 as pb
-from shm_client._proto import inference_pb2_grpc as pb_grpc
-from shm_client.regions import SHM_DIR
+from shm_client.shared._proto import inference_pb2 as pb
+from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
+from shm_client.shared.segments import SHM_DIR
 
 IDENTITY_DTYPES = ["float32", "float64", "float16", "bool", "int8", "int16", "int32", "int64",
                    "uint8", "uint16", "uint32", "uint64", "object"]
@@ -349,7 +349,7 @@ def test_a_new_client_sweeps_segments_of_dead_clients() -> None:
     done = subprocess.run(
         [sys.executable, "-c", textwrap.dedent("""
             import os
-            from shm_client.regions import Segment, unique_key
+            from shm_client.shared.segments import Segment, unique_key
             segment = Segment.create(unique_key() + "-1", 4096)
             print(segment.key, flush=True)
             os._exit(0)  # no atexit: the segment stays behind

@@ -55,9 +55,9 @@ def test_empty_without_shared_memory_is_an_ordinary_array(server: ServerProcess)
 def test_an_output_slot_overlapping_an_input_is_refused(server: ServerProcess) -> None:
     import grpc
 
-    from shm_client._proto import inference_pb2 as pb
-    from shm_client._proto import inference_pb2_grpc as pb_grpc
-    from shm_client.regions import Segment, unique_key
+    from shm_client.shared._proto import inference_pb2 as pb
+    from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
+    from shm_client.shared.segments import Segment, unique_key
 
     segment = Segment.create(unique_key() + "-overlap", 8192)
     try:

@@ -20,10 +20,10 @@ import pytest
 from conftest import ServerProcess, owned_segments
 
 from shm_client import EdgeClient
-from shm_client._proto import edgecow_pb2, edgecow_pb2_grpc
-from shm_client._proto import inference_pb2 as pb
-from shm_client._proto import inference_pb2_grpc as pb_grpc
-from shm_client.regions import SHM_DIR, Segment
+from shm_client.shared._proto import edgecow_pb2, edgecow_pb2_grpc
+from shm_client.shared._proto import inference_pb2 as pb
+from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
+from shm_client.shared.segments import SHM_DIR, Segment
 
 KEY_PREFIX = f"edgecow-test-{os.getpid()}-safety-"
 ONES = np.ones((1, 16), np.float32)

@@ -17,7 +17,7 @@ import tritonclient.utils.shared_memory as shm
 from tritonclient import utils
 from tritonclient.utils import InferenceServerException
 
-from shm_client.regions import SHM_DIR
+from shm_client.shared.segments import SHM_DIR
 
 KEY_PREFIX = f"edgecow-test-{os.getpid()}-"
 

@@ -17,10 +17,10 @@ import psutil
 import pytest
 from conftest import owned_segments
 
-from shm_client._proto import edgecow_pb2, edgecow_pb2_grpc
-from shm_client._proto import inference_pb2 as pb
-from shm_client._proto import inference_pb2_grpc as pb_grpc
-from shm_client.regions import Segment, owner_pid
+from shm_client.shared._proto import edgecow_pb2, edgecow_pb2_grpc
+from shm_client.shared._proto import inference_pb2 as pb
+from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
+from shm_client.shared.segments import Segment, owner_pid
 
 SHM_DIR = Path("/dev/shm")
 # Keys the tests create themselves carry this prefix and the test process's pid.

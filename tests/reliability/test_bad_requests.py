@@ -32,7 +32,7 @@ from reliability_helpers import (
 )
 
 from edge_server.grpc_service import is_local_peer
-from shm_client._proto import inference_pb2 as pb
+from shm_client.shared._proto import inference_pb2 as pb
 
 C = grpc.StatusCode
 F32_16 = np.arange(16, dtype=np.float32).reshape(1, 16)

@@ -23,7 +23,7 @@ from conftest import REPO_ROOT, ServerProcess, owned_segments
 from reliability_helpers import SHM_DIR, in_flight, our_shm_entries, registered_names, v2_stub
 
 from shm_client import EdgeClient
-from shm_client._proto import inference_pb2 as pb
+from shm_client.shared._proto import inference_pb2 as pb
 
 
 def python(code: str, *args: str, **kwargs: Any) -> subprocess.Popen[str]:
@@ -176,8 +176,8 @@ def test_sigterm_lets_calls_in_flight_finish(
 FSIZE_LIMITED = """
     import errno, os, resource, signal, sys
     import numpy as np
-    from shm_client.errors import ResourceExhausted
-    from shm_client.regions import Segment
+    from shm_client.shared.errors import ResourceExhausted
+    from shm_client.shared.segments import Segment
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so the kernel answers EFBIG instead of killing us
     def limit(nbytes):
         resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))

@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reliability_helpers import TEST_PREFIX, make_segment, our_shm_entries, registered_names, v2_stub
 
-from shm_client._proto import inference_pb2 as pb
-from shm_client.datatypes import DATATYPES
+from shm_client.shared._proto import inference_pb2 as pb
+from shm_client.shared.datatypes import DATATYPES
 
 REGION = "fuzz-region"
 REGION_BYTES = 1 << 16

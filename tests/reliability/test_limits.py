@@ -28,7 +28,7 @@ from reliability_helpers import (  # noqa: F401 (segments_fixture is the `segmen
 )
 
 from edge_server.config import ConfigError, load_settings
-from shm_client._proto import inference_pb2 as pb
+from shm_client.shared._proto import inference_pb2 as pb
 
 C = grpc.StatusCode
 LIMIT_FLAGS = {

@@ -11,9 +11,9 @@ import grpc
 import numpy as np
 import pytest
 
-from shm_client import datatypes
-from shm_client.datatypes import DATATYPES, decode_bytes, encode_bytes
-from shm_client.errors import InvalidArgument, Unimplemented
+from shm_client.shared import datatypes
+from shm_client.shared.datatypes import DATATYPES, decode_bytes, encode_bytes
+from shm_client.shared.errors import InvalidArgument, Unimplemented
 
 # The v2 names and wire sizes from the protocol, and the ModelConfig DataType enum values.
 PROTOCOL = {

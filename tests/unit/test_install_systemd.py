@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_server.systemd import DEFAULT_CONFIG, Change, default_exec_start, install, render_unit, uninstall
+from edge_server.install import DEFAULT_CONFIG, Change, default_exec_start, install, render_unit, uninstall
 
 if sys.version_info >= (3, 11):
     import tomllib

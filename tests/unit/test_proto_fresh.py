@@ -1,4 +1,4 @@
-"""The committed shm_client/_proto is what scripts/gen_proto.py makes from proto/ today.
+"""The committed shm_client/shared/_proto is what scripts/gen_proto.py makes from proto/ today.
 
     python scripts/gen_proto.py            # run this when the test fails, and commit the result
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from conftest import REPO_ROOT
 
-COMMITTED = REPO_ROOT / "shm_client" / "_proto"
+COMMITTED = REPO_ROOT / "shm_client" / "shared" / "_proto"
 
 
 def test_generated_protobuf_modules_are_not_stale(tmp_path: Path) -> None:
@@ -23,7 +23,7 @@ def test_generated_protobuf_modules_are_not_stale(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     generated = {p.name for p in fresh.iterdir() if p.is_file()}
     committed = {p.name for p in COMMITTED.iterdir() if p.is_file() and p.suffix in (".py", ".pyi")}
-    assert generated == committed, "run `python scripts/gen_proto.py` and commit shm_client/_proto"
+    assert generated == committed, "run `python scripts/gen_proto.py` and commit shm_client/shared/_proto"
     stale = [name for name in sorted(generated) if (fresh / name).read_bytes() != (COMMITTED / name).read_bytes()]
     assert not stale, f"{', '.join(stale)} differ from proto/; run `python scripts/gen_proto.py` and commit them"
 

@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shm_client.errors import NotFound
-from shm_client.regions import (
+from shm_client.pool import SegmentPool
+from shm_client.shared.errors import NotFound
+from shm_client.shared.segments import (
     CLIENT_PREFIX,
     SHM_DIR,
     Segment,
-    SegmentPool,
     owner_pid,
     process_alive,
     sweep_dead,
@@ -237,7 +237,7 @@ def test_pool_discard_forgets_a_segment_whose_object_vanished() -> None:
 
 
 def test_server_beacon_is_readable_but_not_writable_by_the_group() -> None:
-    from edge_server.shm import Beacon
+    from edge_server.regions import Beacon
 
     beacon = Beacon()
     key = beacon.key

@@ -19,9 +19,9 @@ import pytest
 from conftest import owned_segments
 
 from edge_server.grpc_service import is_local_peer
-from edge_server.shm import RegionRegistry, normalize_key, probe_client_segment
-from shm_client.errors import EdgecowError
-from shm_client.regions import CLIENT_PREFIX, SERVER_PREFIX, SHM_DIR, Segment, unique_key
+from edge_server.regions import RegionRegistry, normalize_key, probe_client_segment
+from shm_client.shared.errors import EdgecowError
+from shm_client.shared.segments import CLIENT_PREFIX, SERVER_PREFIX, SHM_DIR, Segment, unique_key
 
 MakeSegment = Callable[..., Segment]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_server.systemd import Notifier, Watchdog
+from edge_server.sd_notify import Notifier, Watchdog
 
 
 class NotifySocket:

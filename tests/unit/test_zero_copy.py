@@ -17,10 +17,10 @@ import pytest
 
 from edge_server.config import Settings
 from edge_server.dataplane import DataPlane, InferRequest, InputTensor, RequestedOutput, ShmRef
+from edge_server.regions import RegionRegistry
 from edge_server.repository import ModelStore, Repository
 from edge_server.runtime import ModelOptions, ModelRuntime
-from edge_server.shm import RegionRegistry
-from shm_client.regions import Segment, unique_key
+from shm_client.shared.segments import Segment, unique_key
 
 STATIC_SHAPE = (4, 256)
 STATIC_BYTES = 4 * 256 * 4

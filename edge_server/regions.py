@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import psutil
 
-from shm_client.errors import (
+from shm_client.shared.errors import (
     Aborted,
     AlreadyExists,
     EdgecowError,
@@ -38,7 +38,7 @@ from shm_client.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from shm_client.regions import (
+from shm_client.shared.segments import (
     CLIENT_PREFIX,
     PID_MAX_LIMIT,
     SERVER_PREFIX,

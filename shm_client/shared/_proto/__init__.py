@@ -1,6 +1,6 @@
 """Generated protobuf and gRPC modules for edgecow; regenerate with `python scripts/gen_proto.py`.
 
-    from shm_client._proto import inference_pb2, inference_pb2_grpc
+    from shm_client.shared._proto import inference_pb2, inference_pb2_grpc
     request = inference_pb2.ModelInferRequest(model_name="add")
 """
 
