@@ -20,7 +20,7 @@ from shm_client.shared import datatypes, wire
 from shm_client.shared._proto import inference_pb2 as pb
 from shm_client.shared.errors import InvalidArgument, Unimplemented
 
-from .dataplane import INT64_MAX, Contents, InferRequest, InferResponse, InputTensor, RequestedOutput, ShmRef
+from .messages import INT64_MAX, Contents, InferRequest, InferResponse, InputTensor, RequestedOutput, ShmRef
 
 SHM_REGION = "shared_memory_region"
 SHM_OFFSET = "shared_memory_offset"

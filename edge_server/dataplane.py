@@ -14,8 +14,8 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,177 +31,21 @@ from shm_client.shared.errors import (
     Unavailable,
 )
 
+from .admission import Admission
 from .config import Settings
+from .messages import INT64_MAX, InferRequest, InferResponse, InputTensor, OutputTensor, RequestedOutput
 from .regions import Region, RegionRegistry
 from .repository import ModelStore
 from .runtime import ModelRuntime, TensorSpec
+from .statistics import StatisticsBook
 
 log = logging.getLogger(__name__)
-INT64_MAX = 2**63 - 1
 ALIGNMENT = 64  # onnxruntime's CPU allocator aligns to 64 bytes
 # What the server holds for one BYTES element beside its data, counted against the limits: its slot
 # in two object arrays (bytes, then the str onnxruntime takes), the Python bytes and str objects'
 # headers, and onnxruntime's std::string. Without it an empty element, 4 bytes on the wire, would
 # count as nothing while costing about 100 (a 64 MiB request of empty strings took 4.5 GiB).
 BYTES_ELEMENT_COST = 128
-
-
-@dataclass(frozen=True)
-class ShmRef:
-    """Where a tensor lives in a registered region."""
-
-    region: str
-    byte_size: int
-    offset: int = 0
-
-
-@dataclass(frozen=True)
-class Contents:
-    """Values sent as typed contents, left in the transport's message until the data plane has checked
-    their count and size against the limits: decoding allocates in proportion to the count."""
-
-    count: int  # values given
-    data_bytes: int  # at least the bytes the values hold (what a BYTES tensor's elements carry)
-    decode: Callable[[], np.ndarray]
-
-
-@dataclass
-class InputTensor:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-    raw: bytes | memoryview | None = None
-    contents: Contents | None = None
-    shm: ShmRef | None = None
-
-
-@dataclass
-class RequestedOutput:
-    name: str
-    shm: ShmRef | None = None
-
-
-class Cancellation:
-    """Set by the transport when the caller has gone; a run in progress is told to stop."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._callbacks: list[Callable[[], None]] = []
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        with self._lock:
-            self.cancelled = True
-            callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
-            callback()
-
-    def clear(self) -> None:
-        """Forget the callbacks once the work they would stop is over."""
-        with self._lock:
-            self._callbacks = []
-
-    def on_cancel(self, callback: Callable[[], None]) -> None:
-        with self._lock:
-            if not self.cancelled:
-                self._callbacks.append(callback)
-                return
-        callback()
-
-
-@dataclass
-class InferRequest:
-    model: str
-    version: str = ""
-    id: str = ""
-    inputs: list[InputTensor] = field(default_factory=list)
-    outputs: list[RequestedOutput] = field(default_factory=list)
-    deadline: float | None = None  # time.monotonic() value
-    cancellation: Cancellation | None = None
-
-
-@dataclass
-class OutputTensor:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-    array: np.ndarray | None  # None when the output was placed in shared memory
-    shm: ShmRef | None = None
-
-
-@dataclass
-class InferResponse:
-    model: str
-    version: str
-    id: str
-    outputs: list[OutputTensor]
-
-
-class Duration:
-    """A count and a total in nanoseconds, as v2 statistics report them."""
-
-    __slots__ = ("count", "ns")
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.ns = 0
-
-    def add(self, ns: int) -> None:
-        self.count += 1
-        self.ns += ns
-
-
-class ModelStats:
-    """Counters for one model version; updated under the DataPlane's stats lock."""
-
-    def __init__(self) -> None:
-        self.success = Duration()
-        self.fail = Duration()
-        self.queue = Duration()
-        self.compute_input = Duration()
-        self.compute_infer = Duration()
-        self.compute_output = Duration()
-        self.inference_count = 0
-        self.execution_count = 0
-        self.last_inference_ms = 0
-
-
-class ModelGate:
-    """At most `limit` calls of a model run at once; at most `queue` more wait, the rest are refused."""
-
-    def __init__(self, name: str, limit: int, queue: int) -> None:
-        self.name = name
-        self.queue = queue
-        self._slots = threading.BoundedSemaphore(limit)
-        self._lock = threading.Lock()
-        self.waiting = 0
-        self.running = 0
-
-    @contextlib.contextmanager
-    def enter(self, deadline: float | None) -> Iterator[None]:
-        if not self._slots.acquire(blocking=False):
-            with self._lock:
-                if self.waiting >= self.queue:
-                    raise ResourceExhausted(
-                        f"model {self.name!r} is at its limit of calls in flight and {self.queue} are already "
-                        "waiting; retry later or raise max_queue_per_model"
-                    )
-                self.waiting += 1
-            try:
-                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                if not self._slots.acquire(timeout=timeout):
-                    raise DeadlineExceeded(f"the call's deadline passed while it waited for model {self.name!r}")
-            finally:
-                with self._lock:
-                    self.waiting -= 1
-        with self._lock:
-            self.running += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self.running -= 1
-            self._slots.release()
 
 
 class DataPlane:
@@ -211,93 +55,24 @@ class DataPlane:
         self.store = store
         self.registry = registry
         self.settings = settings
-        self._stats: dict[tuple[str, int], ModelStats] = {}
-        self._gates: dict[str, ModelGate] = {}
-        self._lock = threading.Lock()
-        self.accepting = True
-        self._in_flight = 0
-        self._idle = threading.Condition(self._lock)
-
-    # -- admission -------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _admitted(self) -> Iterator[None]:
-        with self._lock:
-            if not self.accepting:
-                raise Unavailable("the server is shutting down and takes no new calls")
-            self._in_flight += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._in_flight -= 1
-                if self._in_flight == 0:
-                    self._idle.notify_all()
-
-    def drain(self, timeout: float) -> bool:
-        """Refuse new calls and wait up to `timeout` s for those in flight; True when none are left."""
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            self.accepting = False
-            while self._in_flight:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._idle.wait(remaining)
-        return True
-
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
-
-    def responsive(self, timeout: float) -> bool:
-        """Whether the lock every call takes is free within `timeout` s (the watchdog's check)."""
-        if not self._lock.acquire(timeout=timeout):
-            return False
-        self._lock.release()
-        return True
-
-    def gate(self, name: str) -> ModelGate:
-        gate = self._gates.get(name)
-        if gate is None:
-            with self._lock:
-                gate = self._gates.setdefault(
-                    name,
-                    ModelGate(name, self.settings.max_inflight_per_model, self.settings.max_queue_per_model),
-                )
-        return gate
-
-    def stats(self, model: ModelRuntime) -> ModelStats:
-        key = (model.name, model.version)
-        stats = self._stats.get(key)
-        if stats is None:
-            with self._lock:
-                stats = self._stats.setdefault(key, ModelStats())
-        return stats
+        self.admission = Admission(settings)
+        self.statistics = StatisticsBook()
 
     # -- inference -------------------------------------------------------------------------------------
     def infer(self, request: InferRequest, local: bool) -> InferResponse:
         """Run one request; raises EdgecowError with the status code for anything the caller got wrong."""
-        with self._admitted():
+        with self.admission.admitted():
             model = self.store.get(request.model, request.version)
-            stats = self.stats(model)
+            stats = self.statistics.of(model)
             start = time.monotonic_ns()
             try:
-                with self.gate(model.name).enter(request.deadline):
+                with self.admission.gate(model.name).enter(request.deadline):
                     queued = time.monotonic_ns()
                     response, timings = self._run(model, request, local)
             except EdgecowError:
-                with self._lock:
-                    stats.fail.add(time.monotonic_ns() - start)
+                self.statistics.failure(stats, time.monotonic_ns() - start)
                 raise
-            with self._lock:
-                stats.queue.add(queued - start)
-                stats.compute_input.add(timings[0])
-                stats.compute_infer.add(timings[1])
-                stats.compute_output.add(timings[2])
-                stats.success.add(time.monotonic_ns() - start)
-                stats.inference_count += 1
-                stats.execution_count += 1
-                stats.last_inference_ms = int(time.time() * 1000)
+            self.statistics.success(stats, queued - start, timings, time.monotonic_ns() - start)
             return response
 
     def _run(self, model: ModelRuntime, request: InferRequest, local: bool) -> tuple[InferResponse, tuple[int, ...]]:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
-import os
-import shutil
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
@@ -20,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-import psutil
 
 from edge_server import __version__
 from shm_client.shared._proto import edgecow_pb2, edgecow_pb2_grpc
@@ -35,9 +32,10 @@ from shm_client.shared.errors import (
     Unimplemented,
 )
 
-from . import convert
+from . import convert, status
 from .config import Settings
-from .dataplane import Cancellation, DataPlane
+from .dataplane import DataPlane
+from .messages import Cancellation
 from .regions import Beacon, RegionRegistry, probe_client_segment
 from .repository import ModelStore
 from .runtime import ModelRuntime, usable_providers
@@ -142,7 +140,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @handled
     def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.ServicerContext) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.state.ready and self.state.plane.accepting)
+        return pb.ServerReadyResponse(ready=self.state.ready and self.state.plane.admission.accepting)
 
     @handled
     def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.ServicerContext) -> pb.ModelReadyResponse:
@@ -150,7 +148,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self.state.store.get(request.name, request.version)
         except EdgecowError:
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=self.state.plane.accepting)
+        return pb.ModelReadyResponse(ready=self.state.plane.admission.accepting)
 
     # -- metadata --------------------------------------------------------------------------------------
     @handled
@@ -195,7 +193,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     def _stats(self, model: ModelRuntime) -> pb.ModelStatistics:
-        stats = self.state.plane.stats(model)
+        stats = self.state.plane.statistics.of(model)
         message = pb.ModelStatistics(
             name=model.name,
             version=str(model.version),
@@ -395,31 +393,13 @@ class EdgecowServicer(edgecow_pb2_grpc.EdgecowServiceServicer):
             shared_memory_enabled=state.settings.shm_enabled,
         )
         for model in state.store.loaded():
-            stats = state.plane.stats(model)
-            gate = state.plane.gate(model.name)
+            stats = state.plane.statistics.of(model)
+            gate = state.plane.admission.gate(model.name)
             response.models.add(
                 name=model.name, version=str(model.version), providers=model.providers,
                 inference_count=stats.inference_count, in_flight=gate.running,
             )
-        proc = psutil.Process()
-        with proc.oneshot():
-            response.process.pid = proc.pid if local else 0
-            response.process.rss_bytes = proc.memory_info().rss
-            response.process.cpu_percent = proc.cpu_percent(interval=None)
-            response.process.threads = proc.num_threads()
-            response.process.open_files = proc.num_fds()
-            response.process.uptime_seconds = time.time() - state.started
-        memory = psutil.virtual_memory()
-        response.system.memory_total_bytes = memory.total
-        response.system.memory_available_bytes = memory.available
-        response.system.cpu_percent = psutil.cpu_percent(interval=None)
-        response.system.load_average_1m = os.getloadavg()[0]
-        try:
-            shm = shutil.disk_usage("/dev/shm")
-            response.system.shm_total_bytes = shm.total
-            response.system.shm_free_bytes = shm.free
-        except OSError:
-            pass
+        status.add_host_figures(response, started=state.started, show_pid=local)
         return response
 
 

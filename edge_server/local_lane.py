@@ -33,7 +33,7 @@ from shm_client.shared.errors import EdgecowError, FailedPrecondition, ResourceE
 
 from . import convert
 from .config import Settings
-from .dataplane import Cancellation
+from .messages import Cancellation
 from .transport import InferAdapter
 
 log = logging.getLogger(__name__)

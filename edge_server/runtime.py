@@ -119,7 +119,7 @@ def _specs(nodes: Sequence[ort.NodeArg]) -> tuple[TensorSpec, ...]:
     return tuple(specs)
 
 
-@dataclass
+@dataclass(eq=False)  # one object per load: statistics are keyed by it
 class ModelRuntime:
     """A loaded model version. Thread-safe: onnxruntime sessions take concurrent runs."""
 

@@ -249,7 +249,7 @@ class EdgecowServer:
         names = ", ".join(f"{m.name}:{m.version}" for m in models) or "no models"
         return (
             f"{len(models)} model version(s) [{names}], {len(self.registry)} shm region(s), "
-            f"{self.plane.in_flight} call(s) in flight"
+            f"{self.plane.admission.in_flight} call(s) in flight"
         )
 
     def answers(self) -> bool:
@@ -261,7 +261,7 @@ class EdgecowServer:
         """
         if self.grpc is None or not self.state.listeners:
             return False
-        if not self.plane.responsive(WATCHDOG_PROBE_TIMEOUT):
+        if not self.plane.admission.responsive(WATCHDOG_PROBE_TIMEOUT):
             log.warning("watchdog: the data plane's lock was not free within %ss", WATCHDOG_PROBE_TIMEOUT)
             return False
         target = self.state.listeners[0]
@@ -332,12 +332,12 @@ class EdgecowServer:
         self._stop.set()
         self.notifier.stopping()
         log.info("stopping: letting %d call(s) in flight finish (up to %.0fs)",
-                 self.plane.in_flight, self.settings.grace_period)
+                 self.plane.admission.in_flight, self.settings.grace_period)
         for name in ("", *SERVICE_NAMES):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.state.ready = False
-        if not self.plane.drain(self.settings.grace_period):
-            log.warning("grace period over with %d call(s) still running", self.plane.in_flight)
+        if not self.plane.admission.drain(self.settings.grace_period):
+            log.warning("grace period over with %d call(s) still running", self.plane.admission.in_flight)
         if self.lane is not None:
             self.lane.stop()
         if self._watchdog is not None:

@@ -23,7 +23,8 @@ from shm_client.shared._proto import inference_pb2 as pb
 from shm_client.shared.errors import EdgecowError, InvalidArgument, ResourceExhausted
 
 from . import convert
-from .dataplane import Cancellation, DataPlane
+from .dataplane import DataPlane
+from .messages import Cancellation
 
 log = logging.getLogger(__name__)
 

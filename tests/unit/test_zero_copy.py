@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from edge_server.config import Settings
-from edge_server.dataplane import DataPlane, InferRequest, InputTensor, RequestedOutput, ShmRef
+from edge_server.dataplane import DataPlane
+from edge_server.messages import InferRequest, InputTensor, RequestedOutput, ShmRef
 from edge_server.regions import RegionRegistry
 from edge_server.repository import ModelStore, Repository
 from edge_server.runtime import ModelOptions, ModelRuntime
