@@ -3,15 +3,19 @@
     edgecow serve --model-repository ./models --listen 0.0.0.0:8001
     edgecow infer identity --input x=x.npy --output-dir out/
 
-Client subcommands (infer, status, models list) need only the light client; serve, models import and
-the systemd installer load the server's modules when they run.
+Client subcommands (infer, status, models list) and install-systemd need only the light client; serve,
+models import and models list --model-repository load the server's modules when they run, and without
+the [server] extra say in one line what to install.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,9 @@ import numpy as np
 
 from edge_server import __version__
 from shm_client.shared.errors import EdgecowError
+
+# The top-level modules of the packages only the [server] extra installs.
+SERVER_ONLY_MODULES = frozenset({"onnxruntime", "psutil", "grpc_health", "grpc_reflection", "tomli"})
 
 SERVE_FLAGS = {
     # flag: (settings key, type, help)
@@ -139,9 +146,22 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+@contextlib.contextmanager
+def _server_modules(command: str) -> Iterator[None]:
+    """Around a server command's imports: without the [server] extra, one line says what to install."""
+    try:
+        yield
+    except ModuleNotFoundError as err:
+        if (err.name or "").partition(".")[0] not in SERVER_ONLY_MODULES:
+            raise
+        raise EdgecowError(f"'edgecow {command}' needs the server's packages ({err.name} is not installed): "
+                           "pip install 'edgecow[server]'") from None
+
+
 def _serve(args: argparse.Namespace) -> int:
-    from .config import load_settings
-    from .server import serve
+    with _server_modules("serve"):
+        from .config import load_settings
+        from .server import serve
 
     overrides: dict[str, Any] = {key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, _, _) in
                                  SERVE_FLAGS.items()}
@@ -243,8 +263,13 @@ def _server_models(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _offline_models(root: Path) -> list[dict[str, Any]]:
-    from .config import Settings
-    from .repository import ModelStore, Repository
+    with _server_modules("models list --model-repository"):
+        from .config import Settings
+        from .repository import ModelStore, Repository
+
+        # The store imports the runtime only when it loads a model, and would list a missing onnxruntime
+        # as a model that failed to load.
+        importlib.import_module(".runtime", __package__)
 
     store = ModelStore(Repository(root), Settings(model_repository=root))
     store.load_all()
@@ -264,9 +289,10 @@ def _offline_models(root: Path) -> list[dict[str, Any]]:
 
 
 def _models_import(args: argparse.Namespace) -> int:
-    from .config import load_settings
-    from .repository import Repository
-    from .runtime import ModelOptions, ModelRuntime
+    with _server_modules("models import"):
+        from .config import load_settings
+        from .repository import Repository
+        from .runtime import ModelOptions, ModelRuntime
 
     root = args.model_repository or load_settings(args.config).model_repository
     if not args.file.is_file():
