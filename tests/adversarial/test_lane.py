@@ -72,7 +72,7 @@ def _serves(server: ServerProcess) -> bool:
     with EdgeClient(server.unix_target) as client:
         x = np.arange(16, dtype=np.float32)
         y = client.infer("scale", {"x": x}, version=2)["y"]
-        return client._lane_local.conn is not None and np.array_equal(y, x * 2)
+        return client._session._lane_local.conn is not None and np.array_equal(y, x * 2)
 
 
 def test_a_header_claiming_gigabytes_costs_no_memory_and_a_stalled_request_is_cut_off(

@@ -28,9 +28,9 @@ def test_a_shared_memory_client_runs_its_calls_on_the_lane(server: ServerProcess
     x = np.arange(64, dtype=np.float32)
     with EdgeClient(server.unix_target) as client:
         assert client.transport == "shm"
-        assert client._lane_path == str(_lane_path(server).resolve())
+        assert client._session._lane_path == str(_lane_path(server).resolve())
         np.testing.assert_array_equal(client.infer("scale", {"x": x}, version=2)["y"], x * 2)
-        assert client._lane_local.conn is not None  # the call went through this thread's lane connection
+        assert client._session._lane_local.conn is not None  # the call went through this thread's lane connection
         with pytest.raises(EdgecowError) as wrong:
             client.infer("scale", {"x": x.astype(np.float64)}, version=2)
         assert wrong.value.code == grpc.StatusCode.INVALID_ARGUMENT and "must be FP32" in str(wrong.value)
@@ -54,7 +54,7 @@ def test_tcp_clients_are_not_offered_the_lane(model_repo: Path, tmp_path: Path) 
     try:
         with EdgeClient(server.tcp_target) as client:
             assert client.transport == "shm"
-            assert client._lane_path == ""
+            assert client._session._lane_path == ""
     finally:
         assert server.stop() == 0
 
@@ -97,7 +97,7 @@ def test_without_the_lane_shared_memory_calls_go_over_grpc(model_repo: Path, tmp
         with EdgeClient(server.unix_target) as client:
             x = np.ones(8, np.float32)
             np.testing.assert_array_equal(client.infer("scale", {"x": x}, version=2)["y"], x * 2)
-            assert client.transport == "shm" and client._lane_path == ""
+            assert client.transport == "shm" and client._session._lane_path == ""
     finally:
         assert server.stop() == 0
 
@@ -112,6 +112,6 @@ def test_a_restarted_server_gets_new_lane_connections(model_repo: Path, tmp_path
         try:
             for _ in range(3):
                 np.testing.assert_array_equal(client.infer("scale", {"x": x}, version=2)["y"], x * 2)
-            assert client._lane_local.conn is not None
+            assert client._session._lane_local.conn is not None
         finally:
             assert second.stop() == 0

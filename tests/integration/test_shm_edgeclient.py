@@ -6,6 +6,7 @@ fallback to gRPC, cleanup on close, at exit and after a SIGKILL.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -38,7 +39,7 @@ def _entries(prefix: str) -> set[str]:
 
 def _prefix(client: EdgeClient) -> str:
     """The /dev/shm name prefix of the client's pooled segments."""
-    return client._pool._base + "-"
+    return client._session._pool._base + "-"
 
 
 def _registered(target: str) -> set[str]:
@@ -118,31 +119,54 @@ def test_dynamic_output_size_is_learned_and_then_placed_in_shm(server: ServerPro
         x = np.arange(1000, dtype=np.float32)
         for _ in range(3):  # the first call learns y's size, later ones put y in shared memory
             np.testing.assert_array_equal(client.infer("scale", {"x": x}, version=2)["y"], x * 2)
-        assert len(client._pool.segments()) == 2
+        assert len(client._session._pool.segments()) == 2
 
 
-def test_zero_copy_results_are_views_until_released(server: ServerProcess) -> None:
+def test_results_live_in_the_segment_they_were_written_to_until_dropped(server: ServerProcess) -> None:
+    with EdgeClient(server.unix_target, transport="shm") as client:
+        pool = client._session._pool
+        a, b = np.ones((1, 16), np.float32), np.full((1, 16), 2.0, np.float32)
+        first = client.infer("add_sub", {"a": a, "b": b})
+        total = first["sum"][0, :8]  # a view of a view keeps the segment as well
+        del first
+        assert any(np.shares_memory(total, np.frombuffer(seg.buffer, np.uint8)) for seg in pool.segments())
+        np.testing.assert_array_equal(total, (a + b)[0, :8])
+        # While `total` is held its segment is not lent out again: other calls leave it alone.
+        for scale in (10, 100):
+            np.testing.assert_array_equal(client.infer("add_sub", {"a": a * scale, "b": b})["sum"], a * scale + b)
+        np.testing.assert_array_equal(total, (a + b)[0, :8])
+        held = len(pool.segments())
+        owned = set(client._session._owned)
+        assert len(owned) == 1  # total's segment; the other calls' results were dropped at once
+        del total
+        gc.collect()
+        # Dropped, the segment goes back to the pool, and steady calls need no new one.
+        assert not client._session._owned
+        for scale in (1000, 10000):
+            np.testing.assert_array_equal(client.infer("add_sub", {"a": a * scale, "b": b})["sum"], a * scale + b)
+        assert len(pool.segments()) == held
+
+
+def test_zero_copy_keyword_still_returns_a_releasable_result(server: ServerProcess) -> None:
     with EdgeClient(server.unix_target, transport="shm") as client:
         a, b = np.ones((1, 16), np.float32), np.full((1, 16), 2.0, np.float32)
-        first = client.infer("add_sub", {"a": a, "b": b}, zero_copy=True)
-        assert isinstance(first, ZeroCopyResult)
-        total = first["sum"]
-        assert any(np.shares_memory(total, np.frombuffer(seg.buffer, np.uint8)) for seg in client._pool.segments())
-        np.testing.assert_array_equal(total, a + b)
-        # While `first` is held its segments are not lent out again: another call leaves it alone.
-        np.testing.assert_array_equal(client.infer("add_sub", {"a": a * 10, "b": b})["sum"], a * 10 + b)
-        np.testing.assert_array_equal(total, a + b)
-        assert len(client._pool.segments()) == 8
-        first.release()
-        assert dict(first) == {}
-        # Released segments go back to the pool: with the other four taken, the next call gets exactly
-        # `first`'s, so its result lands where `total` still points.
-        with client.infer("add_sub", {"a": a * 100, "b": b}, zero_copy=True) as second, \
-                client.infer("add_sub", {"a": a * 1000, "b": b}, zero_copy=True) as third:
-            np.testing.assert_array_equal(second["sum"], a * 100 + b)
-            assert third["sum"].ctypes.data == total.ctypes.data
-            np.testing.assert_array_equal(total, a * 1000 + b)
-        assert len(client._pool.segments()) == 8
+        with client.infer("add_sub", {"a": a, "b": b}, zero_copy=True) as result:
+            assert isinstance(result, ZeroCopyResult)
+            np.testing.assert_array_equal(result["sum"], a + b)
+        assert dict(result) == {}
+
+
+def test_a_result_outlives_its_client_and_feeds_another_call_without_a_copy(server: ServerProcess) -> None:
+    with EdgeClient(server.unix_target, transport="shm") as client:
+        x = np.arange(16, dtype=np.float32).reshape(1, 16)
+        y = client.infer("add_sub", {"a": x, "b": x})["sum"]
+        # An output handed back as an input is read where it is: no new segment for it.
+        before = len(client._session._pool.segments())
+        z = client.infer("add_sub", {"a": y, "b": x})["sum"]
+        np.testing.assert_array_equal(z, x * 3)
+        assert len(client._session._pool.segments()) <= before + 1  # only z's own
+    np.testing.assert_array_equal(y, x * 2)  # the client is closed; the arrays stay readable
+    np.testing.assert_array_equal(z, x * 3)
 
 
 def test_steady_state_makes_no_new_segments(server: ServerProcess) -> None:
@@ -267,7 +291,7 @@ import numpy as np
 from shm_client import EdgeClient
 client = EdgeClient(sys.argv[1], transport="shm")
 client.infer("add_sub", {"a": np.ones((1, 16), np.float32), "b": np.ones((1, 16), np.float32)})
-print(client._pool._base + "-", len(client._pool.segments()), flush=True)
+print(client._session._pool._base + "-", len(client._session._pool.segments()), flush=True)
 """
 
 
@@ -295,7 +319,7 @@ import sys
 import numpy as np
 from shm_client import EdgeClient
 client = EdgeClient(sys.argv[1], transport="shm")
-print(client._pool._base + "-", flush=True)
+print(client._session._pool._base + "-", flush=True)
 client.infer("slow", {"x": np.ones(1000, np.float32), "iterations": np.array(int(sys.argv[2]), np.int64)})
 print("finished", flush=True)
 """

@@ -18,14 +18,14 @@ def test_preallocated_input_is_referenced_in_place_and_not_copied(server: Server
     with EdgeClient(server.unix_target, transport="shm") as client:
         x = client.empty((4096,), np.float32)
         x[:] = np.arange(4096, dtype=np.float32)
-        (segment,) = client._allocated.values()
-        pooled_before = {s.key for s in client._pool.segments()}
+        (segment,) = client._session._owned.values()
+        pooled_before = {s.key for s in client._session._pool.segments()}
         y = client.infer("scale", {"x": x}, version=1)["y"]
         np.testing.assert_array_equal(y, x)
         # The call referenced the preallocated segment (registered now) and wrote x nowhere else:
         # only an output segment was added to the pool.
-        assert segment.key in client._registered
-        added = {s.key for s in client._pool.segments()} - pooled_before
+        assert segment.key in client._session._registered
+        added = {s.key for s in client._session._pool.segments()} - pooled_before
         assert segment.key not in added and len(added) <= 1
         # A slice in the middle of the segment is referenced with its offset.
         part = x[1024:2048]
@@ -38,17 +38,17 @@ def test_preallocated_segment_returns_to_the_pool_when_every_view_is_gone(server
         view = x[10:20]
         del x
         gc.collect()
-        assert len(client._allocated) == 1, "a live view keeps the segment out of the pool"
+        assert len(client._session._owned) == 1, "a live view keeps the segment out of the pool"
         del view
         gc.collect()
-        assert not client._allocated
+        assert not client._session._owned
 
 
 def test_empty_without_shared_memory_is_an_ordinary_array(server: ServerProcess) -> None:
     with EdgeClient(server.unix_target, transport="grpc") as client:
         x = client.empty((8,), np.float32)
         x[:] = 3
-        assert not client._allocated
+        assert not client._session._owned
         np.testing.assert_array_equal(client.infer("scale", {"x": x}, version=1)["y"], x)
 
 
