@@ -26,14 +26,19 @@ from shm_client.shared import datatypes
 from shm_client.shared.datatypes import DataType
 from shm_client.shared.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
 
+from .graph_file import unshaped_tensors
+
 log = logging.getLogger(__name__)
 
 # What onnxruntime raises for a run it rejects (its pybind types do not derive from RuntimeError).
 _ORT_ERRORS = (RuntimeError, _pybind.Fail, _pybind.InvalidArgument, _pybind.RuntimeException)
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 PROBE_MODEL = Path(__file__).parent / "examples" / "probe.onnx"
+# onnxruntime's log severities (0 verbose .. 4 fatal).
+ORT_LOG_ERROR = 3
+ORT_LOG_FATAL = 4
 # onnxruntime logs at WARNING by default, which includes harmless notes about node placement.
-ort.set_default_logger_severity(3)
+ort.set_default_logger_severity(ORT_LOG_ERROR)
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,10 @@ class TensorSpec:
     shape: tuple[int, ...]
     # The model's names for its variable dimensions ("batch", "n"), None where it gives none.
     symbols: tuple[str | None, ...] = ()
+    # False for a tensor whose type declares no shape: it takes any rank, and says so as [-1] as Triton does.
+    ranked: bool = True
+    # True for an input backed by an initializer: a request may override it or omit it for the model's default.
+    optional: bool = False
 
 
 @dataclass(frozen=True)
@@ -72,7 +81,7 @@ def gpu_usable() -> bool:
     except OSError:
         return False
     options = ort.SessionOptions()
-    options.log_severity_level = 4
+    options.log_severity_level = ORT_LOG_FATAL  # a failed probe is reported by the caller
     try:
         session = ort.InferenceSession(str(PROBE_MODEL), options, providers=["CUDAExecutionProvider"])
     except Exception:  # any failure to start CUDA means "not usable"; the reason is logged by the caller
@@ -109,13 +118,18 @@ def resolve_providers(requested: Sequence[str], require_gpu: bool) -> list[str]:
     return list(dict.fromkeys(wanted))
 
 
-def _specs(nodes: Sequence[ort.NodeArg]) -> tuple[TensorSpec, ...]:
+def _specs(
+    nodes: Sequence[ort.NodeArg], unshaped: frozenset[str] = frozenset(), optional: bool = False
+) -> tuple[TensorSpec, ...]:
     specs = []
     for node in nodes:
         dims = node.shape or []
+        if not dims and node.name in unshaped:  # onnxruntime shows "any rank" as [], like a scalar
+            specs.append(TensorSpec(node.name, datatypes.from_onnx(node.type), (-1,), (None,), False, optional))
+            continue
         shape = tuple(dim if isinstance(dim, int) and dim >= 0 else -1 for dim in dims)
         symbols = tuple(dim if isinstance(dim, str) and dim else None for dim in dims)
-        specs.append(TensorSpec(node.name, datatypes.from_onnx(node.type), shape, symbols))
+        specs.append(TensorSpec(node.name, datatypes.from_onnx(node.type), shape, symbols, optional=optional))
     return tuple(specs)
 
 
@@ -137,7 +151,7 @@ class ModelRuntime:
     def load(cls, name: str, version: int, path: Path, options: ModelOptions) -> ModelRuntime:
         """Build the session; raises with a one-line reason when the file is not a usable ONNX model."""
         session_options = ort.SessionOptions()
-        session_options.log_severity_level = 3
+        session_options.log_severity_level = ORT_LOG_ERROR
         if options.intra_op_threads:
             session_options.intra_op_num_threads = options.intra_op_threads
         if options.inter_op_threads:
@@ -152,7 +166,12 @@ class ModelRuntime:
         used = tuple(session.get_providers())
         if options.require_gpu and not any(p in GPU_PROVIDERS for p in used):
             raise FailedPrecondition(f"model {name} version {version} did not start on a GPU and require_gpu is set")
-        model = cls(name, version, path, session, _specs(session.get_inputs()), _specs(session.get_outputs()), used)
+        unshaped = unshaped_tensors(path)
+        # Initializers a request may override come after the inputs it must give.
+        inputs = _specs(session.get_inputs(), unshaped) + _specs(
+            session.get_overridable_initializers(), unshaped, optional=True
+        )
+        model = cls(name, version, path, session, inputs, _specs(session.get_outputs(), unshaped), used)
         model._by_name = {spec.name: spec for spec in (*model.inputs, *model.outputs)}
         model._uses_strings = any(spec.datatype.variable_size for spec in (*model.inputs, *model.outputs))
         if options.warmup:
@@ -189,6 +208,8 @@ class ModelRuntime:
         """One run on zeros (variable dimensions as 1), so the first real call is not the slow one."""
         feeds = {}
         for spec in self.inputs:
+            if spec.optional:
+                continue
             shape = tuple(1 if dim < 0 else dim for dim in spec.shape)
             if spec.datatype.variable_size:
                 feeds[spec.name] = np.full(shape, "", dtype=object)
@@ -237,7 +258,7 @@ class ModelRuntime:
         if run_options is None:
             run_options = ort.RunOptions()
         # A rejected run is answered to the caller as a status; onnxruntime need not log it too.
-        run_options.log_severity_level = 4
+        run_options.log_severity_level = ORT_LOG_FATAL
         # onnxruntime's Python run_with_iobinding looks this entry up on every call and, when it is
         # missing, pays for a C++ exception: about 25 µs, most of a small call. "0" is its default.
         run_options.add_run_config_entry("gpu_graph_id", "0")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._proto import inference_pb2 as pb
 from .errors import InvalidArgument, Unimplemented
 
 
@@ -33,25 +34,26 @@ class DataType:
         return self.itemsize == 0
 
 
-def _dt(name: str, np_type: object, size: int, onnx: str, enum: int, field: str | None) -> DataType:
+def _dt(name: str, np_type: object, size: int, onnx: str, config: str, field: str | None) -> DataType:
+    enum = pb.DataType.Value(config)  # the model configuration's enum for this datatype
     return DataType(name, None if np_type is None else np.dtype(np_type), size, onnx, enum, field)
 
 
 _TABLE = (
-    _dt("BOOL", np.bool_, 1, "tensor(bool)", 1, "bool_contents"),
-    _dt("UINT8", np.uint8, 1, "tensor(uint8)", 2, "uint_contents"),
-    _dt("UINT16", np.uint16, 2, "tensor(uint16)", 3, "uint_contents"),
-    _dt("UINT32", np.uint32, 4, "tensor(uint32)", 4, "uint_contents"),
-    _dt("UINT64", np.uint64, 8, "tensor(uint64)", 5, "uint64_contents"),
-    _dt("INT8", np.int8, 1, "tensor(int8)", 6, "int_contents"),
-    _dt("INT16", np.int16, 2, "tensor(int16)", 7, "int_contents"),
-    _dt("INT32", np.int32, 4, "tensor(int32)", 8, "int_contents"),
-    _dt("INT64", np.int64, 8, "tensor(int64)", 9, "int64_contents"),
-    _dt("FP16", np.float16, 2, "tensor(float16)", 10, None),
-    _dt("FP32", np.float32, 4, "tensor(float)", 11, "fp32_contents"),
-    _dt("FP64", np.float64, 8, "tensor(double)", 12, "fp64_contents"),
-    _dt("BYTES", np.object_, 0, "tensor(string)", 13, "bytes_contents"),
-    _dt("BF16", None, 2, "tensor(bfloat16)", 14, None),
+    _dt("BOOL", np.bool_, 1, "tensor(bool)", "TYPE_BOOL", "bool_contents"),
+    _dt("UINT8", np.uint8, 1, "tensor(uint8)", "TYPE_UINT8", "uint_contents"),
+    _dt("UINT16", np.uint16, 2, "tensor(uint16)", "TYPE_UINT16", "uint_contents"),
+    _dt("UINT32", np.uint32, 4, "tensor(uint32)", "TYPE_UINT32", "uint_contents"),
+    _dt("UINT64", np.uint64, 8, "tensor(uint64)", "TYPE_UINT64", "uint64_contents"),
+    _dt("INT8", np.int8, 1, "tensor(int8)", "TYPE_INT8", "int_contents"),
+    _dt("INT16", np.int16, 2, "tensor(int16)", "TYPE_INT16", "int_contents"),
+    _dt("INT32", np.int32, 4, "tensor(int32)", "TYPE_INT32", "int_contents"),
+    _dt("INT64", np.int64, 8, "tensor(int64)", "TYPE_INT64", "int64_contents"),
+    _dt("FP16", np.float16, 2, "tensor(float16)", "TYPE_FP16", None),
+    _dt("FP32", np.float32, 4, "tensor(float)", "TYPE_FP32", "fp32_contents"),
+    _dt("FP64", np.float64, 8, "tensor(double)", "TYPE_FP64", "fp64_contents"),
+    _dt("BYTES", np.object_, 0, "tensor(string)", "TYPE_STRING", "bytes_contents"),
+    _dt("BF16", None, 2, "tensor(bfloat16)", "TYPE_BF16", None),
 )
 
 DATATYPES: dict[str, DataType] = {t.name: t for t in _TABLE}

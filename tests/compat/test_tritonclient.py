@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 from conftest import ServerProcess, random_array
+from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
 from shm_client.shared._proto import inference_pb2 as pb
@@ -85,8 +86,8 @@ def test_model_config_uses_triton_enums_platform_and_backend(client: triton.Infe
     assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [("x", 11, [4, 256])]  # TYPE_FP32
     assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [("y", 11, [4, 256])]
     strings = client.get_model_config("strings").config
-    assert {i.name: i.data_type for i in strings.input} == {"text": 13}  # TYPE_STRING
-    assert {o.name: o.data_type for o in strings.output} == {"echo": 13, "count": 9}  # TYPE_INT64
+    assert {i.name: i.data_type for i in strings.input} == {"text": model_config_pb2.TYPE_STRING}
+    assert {o.name: o.data_type for o in strings.output} == {"echo": model_config_pb2.TYPE_STRING, "count": model_config_pb2.TYPE_INT64}
 
 
 @pytest.mark.parametrize(("model", "datatype", "dtype"), IDENTITY_CASES, ids=[c[1] for c in IDENTITY_CASES])
