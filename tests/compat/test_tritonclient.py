@@ -87,7 +87,9 @@ def test_model_config_uses_triton_enums_platform_and_backend(client: triton.Infe
     assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [("y", 11, [4, 256])]
     strings = client.get_model_config("strings").config
     assert {i.name: i.data_type for i in strings.input} == {"text": model_config_pb2.TYPE_STRING}
-    assert {o.name: o.data_type for o in strings.output} == {"echo": model_config_pb2.TYPE_STRING, "count": model_config_pb2.TYPE_INT64}
+    assert {o.name: o.data_type for o in strings.output} == {
+        "echo": model_config_pb2.TYPE_STRING, "count": model_config_pb2.TYPE_INT64,
+    }
 
 
 @pytest.mark.parametrize(("model", "datatype", "dtype"), IDENTITY_CASES, ids=[c[1] for c in IDENTITY_CASES])
