@@ -199,3 +199,181 @@ def write_model(root: Path, name: str, version: int, model: onnx.ModelProto, con
     if config is not None:
         (Path(root) / name / "config.toml").write_text(config)
     return target
+
+
+def detector_model() -> onnx.ModelProto:
+    """A detector's tail whose outputs are empty when nothing is found.
+
+    Inputs: boxes FP32[n, 3], scores FP32[n], k INT64[1]; `threshold` FP32[] is an initializer that is
+    also a graph input (default 0.5), so a request may override it. Outputs: kept FP32[hits, 3] (the
+    boxes scoring above the threshold: [0, 3] when none does), hit_index INT64[1, hits] (NonZero of the
+    mask: [1, 0] when none), top_scores FP32[k] and top_index INT64[k] (TopK: empty for k = 0).
+    """
+    graph = helper.make_graph(
+        [
+            helper.make_node("Greater", ["scores", "threshold"], ["mask"]),
+            helper.make_node("Compress", ["boxes", "mask"], ["kept"], axis=0),
+            helper.make_node("NonZero", ["mask"], ["hit_index"]),
+            helper.make_node("TopK", ["scores", "k"], ["top_scores", "top_index"]),
+        ],
+        "detector",
+        [
+            helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["n", 3]),
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n"]),
+            helper.make_tensor_value_info("k", TensorProto.INT64, [1]),
+            helper.make_tensor_value_info("threshold", TensorProto.FLOAT, []),
+        ],
+        [
+            helper.make_tensor_value_info("kept", TensorProto.FLOAT, ["hits", 3]),
+            helper.make_tensor_value_info("hit_index", TensorProto.INT64, [1, "hits"]),
+            helper.make_tensor_value_info("top_scores", TensorProto.FLOAT, ["k"]),
+            helper.make_tensor_value_info("top_index", TensorProto.INT64, ["k"]),
+        ],
+        initializer=[helper.make_tensor("threshold", TensorProto.FLOAT, [], [0.5])],
+    )
+    return _model(graph)
+
+
+def any_rank_model(dtype: int = TensorProto.FLOAT) -> onnx.ModelProto:
+    """y = x * 3 for a numeric element type, with neither tensor declaring a shape:
+    onnxruntime takes x at any rank, as exporters that lose shapes leave it. onnx's checker asks every
+    graph input and output for a shape these days, so this one model is not checked."""
+    np_type = helper.tensor_dtype_to_np_dtype(dtype)
+    three = helper.make_tensor("three", dtype, [], np.array([3], dtype=np_type).tobytes(), raw=True)
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "three"], ["y"])],
+        "any_rank",
+        [helper.make_tensor_value_info("x", dtype, None)],
+        [helper.make_tensor_value_info("y", dtype, None)],
+        initializer=[three],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgecow-tests")
+    model.ir_version = IR_VERSION
+    return model
+
+
+def symbolic_dims_model() -> onnx.ModelProto:
+    """y = Identity(x) with x FP32["batch", 3, unnamed]: a named, a fixed and an unnamed dimension."""
+    shape = helper.make_tensor_type_proto(TensorProto.FLOAT, ["batch", 3, None])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "symbolic",
+        [helper.make_value_info("x", shape)],
+        [helper.make_value_info("y", shape)],
+    )
+    return _model(graph)
+
+
+def optional_inputs_model() -> onnx.ModelProto:
+    """y = x * scale + bias, where scale FP32[1] (default 2) and bias FP32[4] (default 0.25 each) are
+    initializers that are also graph inputs: a request may give x alone or override either."""
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "scale"], ["scaled"]), helper.make_node("Add", ["scaled", "bias"], ["y"])],
+        "optional_inputs",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4]),
+            helper.make_tensor_value_info("scale", TensorProto.FLOAT, [1]),
+            helper.make_tensor_value_info("bias", TensorProto.FLOAT, [4]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+        initializer=[
+            helper.make_tensor("scale", TensorProto.FLOAT, [1], [2.0]),
+            helper.make_tensor("bias", TensorProto.FLOAT, [4], [0.25] * 4),
+        ],
+    )
+    return _model(graph)
+
+
+def zipmap_model(classes: int = 3) -> onnx.ModelProto:
+    """The tail of a skl2onnx classifier as converted by default: float_input FP32[N, classes] in;
+    output_label INT64[N] (ArgMax) and output_probability, the softmax as a ZipMap, a sequence of maps
+    {class: probability} that is not a tensor."""
+    zipped = helper.make_sequence_type_proto(
+        helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, []))
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("ArgMax", ["float_input"], ["output_label"], axis=1, keepdims=0),
+            helper.make_node("Softmax", ["float_input"], ["probabilities"], axis=1),
+            helper.make_node("ZipMap", ["probabilities"], ["output_probability"], domain="ai.onnx.ml",
+                             classlabels_int64s=list(range(classes))),
+        ],
+        "zipmap",
+        [helper.make_tensor_value_info("float_input", TensorProto.FLOAT, ["N", classes])],
+        [
+            helper.make_tensor_value_info("output_label", TensorProto.INT64, ["N"]),
+            helper.make_value_info("output_probability", zipped),
+        ],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("ai.onnx.ml", 3)],
+        producer_name="edgecow-tests",
+    )
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model
+
+
+def sequence_outputs_model() -> onnx.ModelProto:
+    """x FP32[n, 2] in; y = x (a tensor), parts = SplitToSequence(x) (a sequence of tensors) and
+    maybe = Optional(x) (an optional tensor): two outputs the v2 protocol cannot carry beside one it can."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Identity", ["x"], ["y"]),
+            helper.make_node("SplitToSequence", ["x"], ["parts"], axis=0),
+            helper.make_node("Optional", ["x"], ["maybe"]),
+        ],
+        "sequence_outputs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2]),
+            helper.make_value_info("parts", helper.make_sequence_type_proto(
+                helper.make_tensor_type_proto(TensorProto.FLOAT, None))),
+            helper.make_value_info("maybe", helper.make_optional_type_proto(
+                helper.make_tensor_type_proto(TensorProto.FLOAT, ["n", 2]))),
+        ],
+    )
+    return _model(graph)
+
+
+def sequence_input_model() -> onnx.ModelProto:
+    """items, a sequence of FP32 tensors, in (no v2 request can carry it); count INT64[] out."""
+    graph = helper.make_graph(
+        [helper.make_node("SequenceLength", ["items"], ["count"])],
+        "sequence_input",
+        [helper.make_value_info("items", helper.make_sequence_type_proto(
+            helper.make_tensor_type_proto(TensorProto.FLOAT, None)))],
+        [helper.make_tensor_value_info("count", TensorProto.INT64, [])],
+    )
+    return _model(graph)
+
+
+CONTRIB_DOMAIN = "ai.onnx.contrib"
+
+
+def contrib_strings_model() -> onnx.ModelProto:
+    """onnxruntime-extensions string operators: text BYTES[n] in; shout = StringUpper(text) and
+    dashed = StringRegexReplace(text, "\\s+", "-") out. Plain onnxruntime cannot load it."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("StringUpper", ["text"], ["shout"], domain=CONTRIB_DOMAIN),
+            helper.make_node("StringRegexReplace", ["text", "pattern", "rewrite"], ["dashed"], domain=CONTRIB_DOMAIN),
+        ],
+        "contrib_strings",
+        [helper.make_tensor_value_info("text", TensorProto.STRING, ["n"])],
+        [
+            helper.make_tensor_value_info("shout", TensorProto.STRING, ["n"]),
+            helper.make_tensor_value_info("dashed", TensorProto.STRING, ["n"]),
+        ],
+        initializer=[
+            helper.make_tensor("pattern", TensorProto.STRING, [1], [rb"\s+"]),
+            helper.make_tensor("rewrite", TensorProto.STRING, [1], [b"-"]),
+        ],
+    )
+    # onnx's checker knows no schema for this domain, so the model is built without it.
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(CONTRIB_DOMAIN, 1)],
+        producer_name="edgecow-tests",
+    )
+    model.ir_version = IR_VERSION
+    return model

@@ -12,7 +12,7 @@ encoded message by hand and the rest goes through protobuf as usual.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -153,13 +153,39 @@ def split_field(data: bytes | bytearray | memoryview, field: int) -> tuple[bytes
     return rest, found
 
 
+def fields(view: memoryview, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int, int, int]]:
+    """Each top-level field of the message in view[start:end], as (field number, wire type, start, end)
+    of its value; a length-delimited value's span leaves out its length prefix. Values are not read,
+    so a reader can walk a large message (an ONNX file through mmap) and open only the fields it needs.
+    """
+    end = len(view) if end is None else end
+    pos = start
+    while pos < end:
+        tag, pos = _tag(view, pos)
+        number, kind = tag >> 3, tag & 7
+        if kind == _LENGTH_DELIMITED:
+            if number == 0:
+                raise WireError("field number 0 is not allowed")
+            length, value = _varint(view, pos)
+            if length > _MAX_LENGTH:
+                raise WireError("a length-delimited field is 2 GiB or longer")
+            stop = value + length
+        else:
+            value, stop = pos, _skip(view, pos, number, kind)
+        if stop > end:
+            raise WireError("a field runs past the end of the message")
+        yield number, kind, value, stop
+        pos = stop
+
+
 def join_field(head: bytes, field: int, payloads: Sequence[bytes | memoryview | np.ndarray]) -> bytes:
     """`head` (an encoded message) followed by one `field` entry per payload, copying each payload once."""
     tag = encode_varint((field << 3) | _LENGTH_DELIMITED)
     parts: list[bytes | memoryview] = [head]
     for payload in payloads:
         if isinstance(payload, np.ndarray):
-            payload = memoryview(np.ascontiguousarray(payload)).cast("B")
+            # Flattened to bytes by numpy: memoryview.cast refuses a shape with a zero in it ([1, 0]).
+            payload = memoryview(np.ascontiguousarray(payload).reshape(-1).view(np.uint8))
         size = payload.nbytes if isinstance(payload, memoryview) else len(payload)
         parts.append(tag + encode_varint(size))
         parts.append(payload)
