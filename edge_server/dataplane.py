@@ -143,7 +143,7 @@ class DataPlane:
             spec = model.spec(tensor.name)
             assert spec is not None
             feeds[tensor.name] = self._input_array(spec, tensor, region, held)
-        missing = [s.name for s in model.inputs if s.name not in feeds]
+        missing = [s.name for s in model.inputs if not s.optional and s.name not in feeds]
         if missing:
             raise InvalidArgument(f"model {model.name!r} needs input(s) {', '.join(missing)} which the request lacks")
         return feeds
@@ -184,6 +184,8 @@ class DataPlane:
             # A view on the caller's mapping: the server holds none of it, so it is not added to `held`.
             return region_held.view(ref.offset, expected, dtype, shape, what)
         if tensor.raw is None:
+            if not count:  # typed contents of no values are no field at all on the wire
+                return np.empty(shape, dtype=dtype)
             raise InvalidArgument(f"{what} has no data: give contents, a raw entry or a shared-memory region")
         if dt.variable_size:
             return self._bytes_input(tensor.raw, count, what, held).reshape(shape)
@@ -403,7 +405,7 @@ def check_shape(spec: TensorSpec, shape: tuple[int, ...], what: str, max_element
     """`shape` after checking it against the model's spec and the server's element limit."""
     if any(dim < 0 for dim in shape):
         raise InvalidArgument(f"{what} has a negative dimension in shape {list(shape)}")
-    if len(shape) != len(spec.shape):
+    if spec.ranked and len(shape) != len(spec.shape):
         raise InvalidArgument(
             f"{what} must have {len(spec.shape)} dimension(s) like {_fmt(spec.shape)}, not shape {list(shape)}"
         )

@@ -178,7 +178,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         else:
             config.version_policy.latest.num_versions = policy.count
         for spec in model.inputs:
-            config.input.add(name=spec.name, data_type=spec.datatype.config_enum, dims=spec.shape)
+            config.input.add(
+                name=spec.name, data_type=spec.datatype.config_enum, dims=spec.shape, optional=spec.optional
+            )
         for spec in model.outputs:
             config.output.add(name=spec.name, data_type=spec.datatype.config_enum, dims=spec.shape)
         return pb.ModelConfigResponse(config=config)
