@@ -29,6 +29,7 @@ from shm_client.shared.errors import (
     NotFound,
     PermissionDenied,
     ResourceExhausted,
+    Unavailable,
     Unimplemented,
 )
 
@@ -52,6 +53,7 @@ EXTENSIONS = [
     "parameters",
     "edgecow",
 ]
+STREAM_DEADLINE_SLACK = 0.1  # seconds
 
 
 @dataclass
@@ -95,6 +97,13 @@ def is_local_peer(peer: str, kinds: Sequence[str] = ("unix",)) -> bool:
 
 def peer_is_unix(peer: str) -> bool:
     return peer.startswith("unix:") or peer.startswith("unix-abstract:")
+
+
+def _stream_expired(context: grpc.ServicerContext) -> bool:
+    """Whether the RPC's own deadline has passed (the data plane measured it a moment ago, so a little
+    slack covers the two clocks' reads)."""
+    remaining = context.time_remaining()
+    return remaining is not None and remaining < STREAM_DEADLINE_SLACK
 
 
 def _abort(context: grpc.ServicerContext, err: EdgecowError) -> None:
@@ -188,7 +197,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @handled
     def ModelStatistics(self, request: Any, context: grpc.ServicerContext) -> Any:
         store = self.state.store
-        models = [store.get(request.name, request.version)] if request.name else store.loaded()
+        if not request.name:
+            models = store.loaded()
+        elif request.version:
+            models = [store.get(request.name, request.version)]
+        else:
+            # The protocol: a name without a version asks for every loaded version of that model.
+            models = store.loaded_versions(request.name)
         response = pb.ModelStatisticsResponse()
         for model in models:
             response.model_stats.append(self._stats(model))
@@ -248,6 +263,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     response = convert.to_full_response(*self._infer(request, context, cancellation))
                     yield pb.ModelStreamInferResponse(infer_response=response)
                 except EdgecowError as err:
+                    if err.code == grpc.StatusCode.DEADLINE_EXCEEDED and _stream_expired(context):
+                        # The stream's own deadline passed, not the call's `timeout`: as in Triton, the stream
+                        # ends with that status (gRPC's own words first) instead of an in-stream error.
+                        context.abort(
+                            grpc.StatusCode.DEADLINE_EXCEEDED,
+                            "Deadline Exceeded: the stream's deadline passed during a call; open the stream with "
+                            "a longer timeout",
+                        )
                     yield pb.ModelStreamInferResponse(
                         error_message=f"{err.code.name}: {err.message}",
                         infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
@@ -296,6 +319,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _check_control(self, context: grpc.ServicerContext, action: str) -> None:
         if not self._local(context) and not self.state.settings.shm_allow_remote:
             raise PermissionDenied(f"only callers on this machine may {action}")
+        if self.state.settings.poll_interval > 0:
+            # The next scan would undo the call within poll_interval seconds; Triton refuses it the same way.
+            raise Unavailable(
+                "explicit model load / unload is not allowed if polling is enabled; change the repository on "
+                "disk instead, or run the server without --poll-interval"
+            )
 
     # -- system shared memory --------------------------------------------------------------------------
     def _check_shm(self, context: grpc.ServicerContext) -> None:

@@ -10,7 +10,8 @@ under the SIGBUS guard (_sigbus_guard.c) until it is unmapped. Every use is boun
 object's size as it is then (fstat), so a client that shrank its object between calls gets
 INVALID_ARGUMENT; one that shrinks it during a call makes the guard swap zero pages in, and the call
 fails with ABORTED when it releases the region, which is retired. Unregistering a region a call is
-using retires it at once and unmaps it when that call ends.
+using retires it at once (new calls naming it get NOT_FOUND) but, as in Triton, it stays listed in the
+status until that call ends and it is unmapped; registering its name again meanwhile replaces the listing.
 """
 
 from __future__ import annotations
@@ -212,6 +213,9 @@ class RegionRegistry:
             with self._lock:
                 # Checked again where the region goes in: concurrent registers all passed the first check.
                 self._check_room(name, size)
+                replaced = self._regions.get(name)
+                if replaced is not None:  # retired, still in use: its calls keep it, the name is the new one's
+                    self._remove(replaced)
                 self._regions[name] = region
                 self._mapped += size
         except BaseException:
@@ -221,7 +225,8 @@ class RegionRegistry:
         return region
 
     def _check_room(self, name: str, size: int) -> None:
-        if name in self._regions:
+        held = self._regions.get(name)
+        if held is not None and not held.retired:
             raise AlreadyExists(
                 f"shared-memory region {name!r} is already registered; unregister it first or pick another name"
             )
@@ -270,13 +275,18 @@ class RegionRegistry:
         return dropped
 
     def _retire(self, region: Region) -> bool:
-        """Take `region` out of the table (the lock is held); False when it was not in it."""
-        if self._regions.get(region.name) is not region:
+        """Retire `region` (the lock is held): out of the table now when no call uses it, else when the
+        last one releases it. False when it was not in the table or already retired."""
+        if self._regions.get(region.name) is not region or region.retired:
             return False
+        region.retired = True
+        if region.users == 0:
+            self._remove(region)
+        return True
+
+    def _remove(self, region: Region) -> None:
         del self._regions[region.name]
         self._mapped -= region.segment.size
-        region.retired = True
-        return True
 
     # -- use during a call -----------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -291,6 +301,10 @@ class RegionRegistry:
             region = self._regions.get(name)
             if region is None:
                 raise NotFound(f"shared-memory region {name!r} is not registered")
+            if region.retired:
+                raise NotFound(
+                    f"shared-memory region {name!r} is being unregistered; register a region for this call"
+                )
             region.users += 1
         try:
             yield region
@@ -306,6 +320,8 @@ class RegionRegistry:
             if retire:
                 self._retire(region)
             unmap = region.retired and region.users == 0
+            if unmap and self._regions.get(region.name) is region:
+                self._remove(region)  # the last call using a retired region is over: it leaves the status now
         if unmap:
             region.close()
 

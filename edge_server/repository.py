@@ -241,6 +241,15 @@ class ModelStore:
             raise NotFound(f"model {name!r} has no loaded version {version}; loaded versions: {loaded}")
         return model
 
+    def loaded_versions(self, name: str) -> list[Any]:
+        """Every loaded ModelRuntime of `name`, oldest version first; NOT_FOUND (or UNAVAILABLE, with the
+        reason) as get() when none is loaded."""
+        entry = self._entries.get(name)
+        if entry is None or not entry.versions:
+            return [self.get(name)]  # raises saying why nothing is loaded, unless a load just landed
+        versions = entry.versions
+        return [versions[v] for v in sorted(versions)]
+
     def loaded(self) -> list[Any]:
         """Every loaded ModelRuntime, by name then version."""
         entries = self._entries

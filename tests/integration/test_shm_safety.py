@@ -302,7 +302,7 @@ def test_unregister_during_inference_waits_for_the_call(
         assert wait_until(lambda: caller.in_flight("slow") == 1, timeout=30)
         caller.unregister("slow_in")
         caller.unregister("slow_out")
-        assert caller.regions() == {}  # gone for new calls at once
+        assert set(caller.regions()) == {"slow_in", "slow_out"}  # listed until the call ends, as in Triton
         assert caller.in_flight("slow") == 1  # while the call still runs on the mapping
     finally:
         thread.join(120)

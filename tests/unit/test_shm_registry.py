@@ -223,15 +223,33 @@ def test_unregister_during_use_unmaps_when_the_call_ends(registry: RegionRegistr
     with registry.use("r") as region:
         view = region.view(0, 16, np.dtype(np.float32), (4,), "input")
         registry.unregister("r")
-        assert len(registry) == 0 and region.retired
+        assert region.retired
+        assert [r.name for r in registry.status()] == ["r"]  # listed until the call ends, as in Triton
         np.testing.assert_array_equal(view, np.arange(4, dtype=np.float32))  # still mapped
         code, _ = _code(lambda: registry.use("r").__enter__())
-        assert code == grpc.StatusCode.NOT_FOUND
-        registry.register("r", "/" + segment.key, 0, 16)  # the name is free again at once
-        registry.unregister("r")
+        assert code == grpc.StatusCode.NOT_FOUND  # but no new call may start on it
         del view
+    assert len(registry) == 0 and registry.mapped_bytes() == 0
     with pytest.raises(ValueError):
         region.segment.buffer  # noqa: B018 - unmapped once the last user left
+
+
+def test_a_name_registered_again_while_its_old_region_is_in_use_takes_the_listing(
+    registry: RegionRegistry, make_segment: MakeSegment
+) -> None:
+    segment = make_segment()
+    registry.register("r", "/" + segment.key, 0, 16)
+    with registry.use("r") as old:
+        registry.unregister("r")
+        new = registry.register("r", "/" + segment.key, 16, 16)  # the name is free again at once
+        assert registry.status("r") == [new] and not new.retired
+        with registry.use("r") as used:
+            assert used is new
+    assert old.retired and registry.status("r") == [new]  # the old call's release leaves the new one be
+    with pytest.raises(ValueError):
+        old.segment.buffer  # noqa: B018 - the old mapping went with its last user
+    registry.unregister("r")
+    assert len(registry) == 0 and registry.mapped_bytes() == 0
 
 
 def test_reap_drops_regions_whose_object_was_unlinked(registry: RegionRegistry, make_segment: MakeSegment) -> None:
