@@ -3,6 +3,9 @@
     python scripts/gen_proto.py            # rewrite shm_client/shared/_proto in place
     python scripts/gen_proto.py --out DIR  # write elsewhere (the staleness test compares the two)
 
+The type stubs (*_pb2.pyi for the messages, *_pb2_grpc.pyi for the service stubs and servicers) come from
+mypy-protobuf's protoc plugins, so `mypy --strict` checks the code that builds and reads these messages.
+
 Two edits follow protoc's output. The generated modules import each other as top-level modules, which
 breaks inside a package, so those imports become relative. And the descriptors go into edgecow's own
 descriptor pool instead of protobuf's default one: tritonclient registers the same `inference.*`
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import sysconfig
 import tempfile
 from pathlib import Path
 
@@ -51,6 +55,14 @@ def _rewrite(text: str, modules: list[str]) -> str:
     return HEADER + text
 
 
+def _plugin(name: str) -> str:
+    """The `--plugin` argument for one of mypy-protobuf's executables, installed beside this Python."""
+    path = Path(sysconfig.get_path("scripts")) / name
+    if not path.is_file():
+        raise SystemExit(f"{name} is missing: install the test extra (pip install -e '.[test]') into this venv")
+    return f"--plugin={name}={path}"
+
+
 def generate(out_dir: Path) -> list[Path]:
     """Run protoc on every file in proto/ and write the rewritten modules into `out_dir`."""
     from grpc_tools import protoc
@@ -61,9 +73,12 @@ def generate(out_dir: Path) -> list[Path]:
         args = [
             "protoc",
             f"-I{PROTO_DIR}",
+            _plugin("protoc-gen-mypy"),
+            _plugin("protoc-gen-mypy_grpc"),
             f"--python_out={raw}",
-            f"--pyi_out={raw}",
+            f"--mypy_out={raw}",
             f"--grpc_python_out={raw}",
+            f"--mypy_grpc_out={raw}",
             *map(str, protos),
         ]
         if protoc.main(args) != 0:

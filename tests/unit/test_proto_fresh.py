@@ -32,3 +32,6 @@ def test_every_proto_source_has_its_generated_module() -> None:
     for proto in (REPO_ROOT / "proto").glob("*.proto"):
         assert (COMMITTED / f"{proto.stem}_pb2.py").is_file()
         assert (COMMITTED / f"{proto.stem}_pb2_grpc.py").is_file()
+        # mypy-protobuf's stubs: what `mypy --strict` and users of the py.typed client read.
+        assert (COMMITTED / f"{proto.stem}_pb2.pyi").is_file()
+        assert (COMMITTED / f"{proto.stem}_pb2_grpc.pyi").is_file()
