@@ -16,10 +16,11 @@ import os
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+import numpy.typing as npt
 
 from .session import ShmFailure, ShmSession, Stubs, decode_response, encode_request, from_raw
 from .shared import datatypes
@@ -60,7 +61,11 @@ def resolve_target(target: str | None = None) -> str:
     return target
 
 
-class ZeroCopyResult(dict):
+_Request = TypeVar("_Request")
+_Response = TypeVar("_Response")
+
+
+class ZeroCopyResult(dict[str, np.ndarray]):
     """What `infer(..., zero_copy=True)` returned before every result owned its memory; kept so that code
     still runs. `release()` drops the arrays (their segments go back when no view is left)."""
 
@@ -154,7 +159,12 @@ class EdgeClient:
         if self._closed:
             raise EdgecowError("this EdgeClient is closed; make a new one", grpc.StatusCode.FAILED_PRECONDITION)
 
-    def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
+    def _call(
+        self,
+        method: grpc.UnaryUnaryMultiCallable[_Request, _Response],
+        request: _Request,
+        timeout: float | None = None,
+    ) -> _Response:
         self._check_open()
         try:
             return method(request, timeout=timeout if timeout is not None else self.timeout)
@@ -180,7 +190,7 @@ class EdgeClient:
         """Inputs and outputs of a model: {"name", "versions", "platform", "inputs": [...], "outputs": [...]}."""
         meta = self._model_metadata(model, "" if version is None else str(version))
 
-        def tensors(items: Iterable[Any]) -> list[dict[str, Any]]:
+        def tensors(items: Iterable[pb.ModelMetadataResponse.TensorMetadata]) -> list[dict[str, Any]]:
             return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in items]
 
         return {
@@ -204,7 +214,7 @@ class EdgeClient:
         return self._call(self._edgecow.GetStatus, edgecow_pb2.GetStatusRequest())
 
     # -- zero-copy inputs ------------------------------------------------------------------------------
-    def empty(self, shape: Sequence[int], dtype: Any = np.float32) -> np.ndarray:
+    def empty(self, shape: Sequence[int], dtype: npt.DTypeLike = np.float32) -> np.ndarray:
         """An uninitialised array that lives in this client's shared memory.
 
         Fill it and pass it (or a contiguous slice of it) to infer(): over shared memory the server reads
@@ -224,7 +234,7 @@ class EdgeClient:
     def infer(
         self,
         model: str,
-        inputs: Mapping[str, Any],
+        inputs: Mapping[str, npt.ArrayLike],
         outputs: Sequence[str] | None = None,
         version: str | int | None = None,
         *,
@@ -279,7 +289,7 @@ class EdgeClient:
         response, raw = self._call(self._model_infer, (request, [_to_raw(a) for a in arrays.values()]), timeout)
         return {tensor.name: from_raw(tensor, raw[i]) for i, tensor in enumerate(response.outputs)}
 
-def _as_array(name: str, value: Any) -> np.ndarray:
+def _as_array(name: str, value: npt.ArrayLike) -> np.ndarray:
     array = np.asarray(value)
     if array.dtype.kind in "US":
         array = array.astype(object)

@@ -16,9 +16,9 @@ import logging
 import secrets
 import threading
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, TypeAlias
 
 import grpc
 import numpy as np
@@ -31,6 +31,9 @@ from .shared._proto import inference_pb2 as pb
 from .shared._proto import inference_pb2_grpc as pb_grpc
 from .shared.errors import EdgecowError, from_rpc_error
 from .shared.segments import Segment, unique_key
+
+if TYPE_CHECKING:
+    from google.protobuf.internal.containers import MessageMap
 
 log = logging.getLogger("edgecow.client")
 
@@ -51,7 +54,10 @@ _FALLBACK_CODES = {
     grpc.StatusCode.ALREADY_EXISTS,
 }
 
-RawInfer = Callable[..., tuple[pb.ModelInferResponse, list[memoryview]]]
+RawRequest: TypeAlias = tuple[pb.ModelInferRequest, list[bytes | np.ndarray]]
+RawResponse: TypeAlias = tuple[pb.ModelInferResponse, list[memoryview]]
+# A string: grpc's classes are generic only in its type stubs.
+RawInfer: TypeAlias = "grpc.UnaryUnaryMultiCallable[RawRequest, RawResponse]"
 LearnedKey = tuple[str, str, str, tuple[tuple[str, tuple[int, ...]], ...]]
 
 
@@ -400,7 +406,7 @@ def _give_back(session_ref: weakref.ref[ShmSession], segment: Segment) -> None:
         session._give_back(segment)
 
 
-def _set_shm(params: Any, key: str, size: int, offset: int = 0) -> None:
+def _set_shm(params: MessageMap[str, pb.InferParameter], key: str, size: int, offset: int = 0) -> None:
     params["shared_memory_region"].string_param = key
     params["shared_memory_byte_size"].int64_param = size
     if offset:
@@ -417,11 +423,11 @@ def from_raw(tensor: pb.ModelInferResponse.InferOutputTensor, raw: bytes | memor
     return array.copy() if array.ctypes.data % max(array.itemsize, 1) else array
 
 
-def encode_request(request: tuple[pb.ModelInferRequest, list[bytes | np.ndarray]]) -> bytes:
+def encode_request(request: RawRequest) -> bytes:
     message, raw = request
     return wire.join_field(message.SerializeToString(), wire.RAW_INPUT_FIELD, raw)
 
 
-def decode_response(data: bytes | memoryview) -> tuple[pb.ModelInferResponse, list[memoryview]]:
+def decode_response(data: bytes | memoryview) -> RawResponse:
     rest, raw = wire.split_field(data, wire.RAW_OUTPUT_FIELD)
     return pb.ModelInferResponse.FromString(rest), raw

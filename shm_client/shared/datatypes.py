@@ -34,7 +34,9 @@ class DataType:
         return self.itemsize == 0
 
 
-def _dt(name: str, np_type: object, size: int, onnx: str, config: str, field: str | None) -> DataType:
+def _dt(
+    name: str, np_type: type[np.generic] | None, size: int, onnx: str, config: str, field: str | None
+) -> DataType:
     enum = pb.DataType.Value(config)  # the model configuration's enum for this datatype
     return DataType(name, None if np_type is None else np.dtype(np_type), size, onnx, enum, field)
 
@@ -145,7 +147,7 @@ def encode_bytes(array: np.ndarray) -> bytes:
     for byte in range(_LEN.size):
         out[starts] = prefixes[:, byte]
         starts += 1
-    view = memoryview(out)
+    view = out.data
     pos = 0
     for item in items:
         pos += _LEN.size

@@ -230,7 +230,7 @@ def unique_key(prefix: str = CLIENT_PREFIX) -> str:
 
 def sweep_dead(prefix: str, alive: Callable[[int, float], bool]) -> list[str]:
     """Unlink /dev/shm entries named `prefix<pid>-...` whose owner `alive(pid, ctime)` says is gone."""
-    removed = []
+    removed: list[str] = []
     try:
         entries = list(os.scandir(SHM_DIR))
     except OSError:

@@ -185,7 +185,7 @@ def join_field(head: bytes, field: int, payloads: Sequence[bytes | memoryview | 
     for payload in payloads:
         if isinstance(payload, np.ndarray):
             # Flattened to bytes by numpy: memoryview.cast refuses a shape with a zero in it ([1, 0]).
-            payload = memoryview(np.ascontiguousarray(payload).reshape(-1).view(np.uint8))
+            payload = np.ascontiguousarray(payload).reshape(-1).view(np.uint8).data
         size = payload.nbytes if isinstance(payload, memoryview) else len(payload)
         parts.append(tag + encode_varint(size))
         parts.append(payload)
