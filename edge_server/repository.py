@@ -17,11 +17,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shm_client.shared.errors import EdgecowError, InvalidArgument, NotFound, Unavailable
 
 from .config import ConfigError, Settings, read_toml
+
+if TYPE_CHECKING:  # runtime imports onnxruntime, which reading a repository does not need
+    from .runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
 
@@ -188,10 +191,14 @@ class ModelState:
 
 @dataclass
 class _Entry:
-    versions: dict[int, Any] = field(default_factory=dict)  # version -> ModelRuntime
+    versions: dict[int, ModelRuntime] = field(default_factory=dict)
     fingerprints: dict[int, tuple[int, int]] = field(default_factory=dict)
     failures: dict[int, str] = field(default_factory=dict)
     error: str = ""  # a model-level problem, e.g. a broken config.toml
+
+
+# Loads one version: (name, version, its model.onnx, the model's config.toml, settings) -> the runtime.
+Loader = Callable[[str, int, Path, ModelConfigFile, Settings], "ModelRuntime"]
 
 
 class ModelStore:
@@ -205,7 +212,7 @@ class ModelStore:
         self,
         repository: Repository,
         settings: Settings,
-        loader: Callable[..., Any] | None = None,
+        loader: Loader | None = None,
     ) -> None:
         self.repository = repository
         self.settings = settings
@@ -217,7 +224,7 @@ class ModelStore:
         self.generation = 0  # bumps on every change, for status lines
 
     # -- reading -----------------------------------------------------------------------------------
-    def get(self, name: str, version: str = "") -> Any:
+    def get(self, name: str, version: str = "") -> ModelRuntime:
         """The ModelRuntime for `name` at `version` ("" = highest loaded); NOT_FOUND says what exists."""
         entry = self._entries.get(name)
         if entry is None or not entry.versions:
@@ -241,7 +248,7 @@ class ModelStore:
             raise NotFound(f"model {name!r} has no loaded version {version}; loaded versions: {loaded}")
         return model
 
-    def loaded_versions(self, name: str) -> list[Any]:
+    def loaded_versions(self, name: str) -> list[ModelRuntime]:
         """Every loaded ModelRuntime of `name`, oldest version first; NOT_FOUND (or UNAVAILABLE, with the
         reason) as get() when none is loaded."""
         entry = self._entries.get(name)
@@ -250,7 +257,7 @@ class ModelStore:
         versions = entry.versions
         return [versions[v] for v in sorted(versions)]
 
-    def loaded(self) -> list[Any]:
+    def loaded(self) -> list[ModelRuntime]:
         """Every loaded ModelRuntime, by name then version."""
         entries = self._entries
         return [entry.versions[v] for _, entry in sorted(entries.items()) for v in sorted(entry.versions)]
@@ -398,7 +405,9 @@ class ModelStore:
         self._stop.set()
 
 
-def _default_loader(name: str, version: int, path: Path, config: ModelConfigFile, settings: Settings) -> Any:
+def _default_loader(
+    name: str, version: int, path: Path, config: ModelConfigFile, settings: Settings
+) -> ModelRuntime:
     from .runtime import ModelOptions, ModelRuntime
 
     options = ModelOptions(
