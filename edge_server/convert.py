@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -21,6 +21,9 @@ from shm_client.shared._proto import inference_pb2 as pb
 from shm_client.shared.errors import InvalidArgument, Unimplemented
 
 from .messages import INT64_MAX, Contents, InferRequest, InferResponse, InputTensor, RequestedOutput, ShmRef
+
+if TYPE_CHECKING:  # the runtime imports onnxruntime; this module only reads a spec's fields
+    from .runtime import TensorSpec
 
 SHM_REGION = "shared_memory_region"
 SHM_OFFSET = "shared_memory_offset"
@@ -52,7 +55,7 @@ def _int_param(param: pb.InferParameter, what: str) -> int:
     kind = param.WhichOneof("parameter_choice")
     if kind not in ("int64_param", "uint64_param"):
         raise InvalidArgument(f"{what} must be an integer parameter, not {kind or 'empty'}")
-    value = getattr(param, kind)
+    value = param.int64_param if kind == "int64_param" else param.uint64_param
     if value < 0 or value > INT64_MAX:
         raise InvalidArgument(f"{what} must be between 0 and 2^63-1, not {value}")
     return value
@@ -173,7 +176,11 @@ def request_timeout(request: pb.ModelInferRequest) -> float | None:
     return value / 1e6 if value else None
 
 
-def from_infer_response(response: InferResponse) -> tuple[pb.ModelInferResponse, list[bytes | np.ndarray]]:
+# ModelInfer's answer as the transports send it: the message without its raw entries, and those entries.
+InferReply = tuple[pb.ModelInferResponse, list[bytes | np.ndarray]]
+
+
+def from_infer_response(response: InferResponse) -> InferReply:
     """The response message without its raw entries, and those entries: one per output in order, an
     empty one for an output in shared memory. The arrays are not copied here; see shm_client.shared.wire."""
     message = pb.ModelInferResponse(model_name=response.model, model_version=response.version, id=response.id)
@@ -200,10 +207,10 @@ def to_full_response(message: pb.ModelInferResponse, raw: Sequence[bytes | np.nd
     return message
 
 
-def to_tensor_metadata(target: pb.ModelMetadataResponse.TensorMetadata, spec: object) -> None:
-    target.name = spec.name  # type: ignore[attr-defined]
-    target.datatype = spec.datatype.name  # type: ignore[attr-defined]
-    target.shape.extend(spec.shape)  # type: ignore[attr-defined]
+def to_tensor_metadata(target: pb.ModelMetadataResponse.TensorMetadata, spec: TensorSpec) -> None:
+    target.name = spec.name
+    target.datatype = spec.datatype.name
+    target.shape.extend(spec.shape)
 
 
 @dataclass
@@ -224,6 +231,6 @@ def decode_infer_request(data: bytes | bytearray) -> SplitInferRequest:
         return SplitInferRequest(pb.ModelInferRequest(), [], "the request is not a well-formed ModelInferRequest")
 
 
-def encode_infer_response(response: tuple[pb.ModelInferResponse, list[Any]]) -> bytes:
+def encode_infer_response(response: InferReply) -> bytes:
     message, raw = response
     return wire.join_field(message.SerializeToString(), wire.RAW_OUTPUT_FIELD, raw)

@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -46,6 +45,8 @@ ALIGNMENT = 64  # onnxruntime's CPU allocator aligns to 64 bytes
 # headers, and onnxruntime's std::string. Without it an empty element, 4 bytes on the wire, would
 # count as nothing while costing about 100 (a 64 MiB request of empty strings took 4.5 GiB).
 BYTES_ELEMENT_COST = 128
+# A region by name for one call, held until the call ends (the `region` function DataPlane._run makes).
+RegionLookup = Callable[[str], Region]
 
 
 class DataPlane:
@@ -75,7 +76,9 @@ class DataPlane:
             self.statistics.success(stats, queued - start, timings, time.monotonic_ns() - start)
             return response
 
-    def _run(self, model: ModelRuntime, request: InferRequest, local: bool) -> tuple[InferResponse, tuple[int, ...]]:
+    def _run(
+        self, model: ModelRuntime, request: InferRequest, local: bool
+    ) -> tuple[InferResponse, tuple[int, int, int]]:
         uses_shm = any(t.shm for t in request.inputs) or any(o.shm for o in request.outputs)
         if uses_shm and not local and not self.settings.shm_allow_remote:
             raise PermissionDenied("shared memory can only be used by callers on this machine")
@@ -136,7 +139,7 @@ class DataPlane:
                 request.cancellation.clear()
 
     # -- inputs ----------------------------------------------------------------------------------------
-    def _feeds(self, model: ModelRuntime, inputs: list[InputTensor], region: Any) -> dict[str, np.ndarray]:
+    def _feeds(self, model: ModelRuntime, inputs: list[InputTensor], region: RegionLookup) -> dict[str, np.ndarray]:
         feeds: dict[str, np.ndarray] = {}
         held = _HeldBytes(self.settings.max_request_bytes)
         for tensor in inputs:  # names were checked by _check_input_names
@@ -148,7 +151,9 @@ class DataPlane:
             raise InvalidArgument(f"model {model.name!r} needs input(s) {', '.join(missing)} which the request lacks")
         return feeds
 
-    def _input_array(self, spec: TensorSpec, tensor: InputTensor, region: Any, held: _HeldBytes) -> np.ndarray:
+    def _input_array(
+        self, spec: TensorSpec, tensor: InputTensor, region: RegionLookup, held: _HeldBytes
+    ) -> np.ndarray:
         """The input as an array, after its shape and size are checked against the model and the limits.
         Nothing proportional to its element count is allocated before those checks."""
         what = f"input {tensor.name!r}"
@@ -249,7 +254,11 @@ class DataPlane:
         return requested
 
     def _bound_outputs(
-        self, model: ModelRuntime, wanted: list[RequestedOutput], feeds: dict[str, np.ndarray], region: Any
+        self,
+        model: ModelRuntime,
+        wanted: list[RequestedOutput],
+        feeds: dict[str, np.ndarray],
+        region: RegionLookup,
     ) -> dict[str, np.ndarray]:
         """Views on the caller's regions for outputs whose shape is known before the run, so that
         onnxruntime writes there directly."""
@@ -267,7 +276,7 @@ class DataPlane:
             # An unaligned slot cannot be bound: Region.view would hand back a copy and the result would
             # never reach the region. Such outputs (and those of unknown shape) get one copy in _place.
             unaligned = (held.offset + output.shm.offset) % max(dtype.itemsize, 1) != 0
-            if needed is None or unaligned:
+            if shape is None or needed is None or unaligned:
                 held.check(output.shm.offset, output.shm.byte_size, what)
                 continue
             if output.shm.byte_size < needed:
@@ -283,7 +292,7 @@ class DataPlane:
         output: RequestedOutput,
         value: np.ndarray,
         out_buffers: dict[str, np.ndarray],
-        region: Any,
+        region: RegionLookup,
     ) -> OutputTensor:
         assert spec is not None
         shape = tuple(int(d) for d in value.shape)
@@ -301,7 +310,7 @@ class DataPlane:
         if size > output.shm.byte_size:
             raise InvalidArgument(f"{what} needs {size} bytes but its shared-memory slot has {output.shm.byte_size}")
         target = held.raw(output.shm.offset, size, what)
-        target[:] = data if isinstance(data, bytes) else np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+        target[:] = data if isinstance(data, bytes) else np.ascontiguousarray(value).reshape(-1).view(np.uint8).data
         return result
 
 
@@ -361,7 +370,7 @@ class _Span:
     what: str
 
 
-def _check_no_overlap(request: InferRequest, region: Callable[[str], Region]) -> None:
+def _check_no_overlap(request: InferRequest, region: RegionLookup) -> None:
     """Refuse an output slot that shares bytes with an input or another output: onnxruntime would
     overwrite data it has not read yet (or two outputs each other). Inputs may share bytes.
 

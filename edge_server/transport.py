@@ -17,7 +17,6 @@ import ipaddress
 import logging
 import threading
 import urllib.parse
-from typing import Any
 
 from shm_client.shared._proto import inference_pb2 as pb
 from shm_client.shared.errors import EdgecowError, InvalidArgument, ResourceExhausted
@@ -47,7 +46,7 @@ class InferAdapter:
         local: bool,
         transport_remaining: float | None = None,
         cancellation: Cancellation | None = None,
-    ) -> tuple[pb.ModelInferResponse, list[Any]]:
+    ) -> convert.InferReply:
         """Run one call. `transport_remaining` is the transport's own deadline in seconds (gRPC's);
         `cancellation` is cancelled by the transport when the caller goes away mid-call."""
         try:
