@@ -13,9 +13,9 @@ import ipaddress
 import logging
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn, TypeVar, cast
 
 import grpc
 
@@ -54,6 +54,10 @@ EXTENSIONS = [
     "edgecow",
 ]
 STREAM_DEADLINE_SLACK = 0.1  # seconds
+
+_Servicer = TypeVar("_Servicer")
+_Request = TypeVar("_Request")
+_Response = TypeVar("_Response")
 
 
 @dataclass
@@ -106,15 +110,17 @@ def _stream_expired(context: grpc.ServicerContext) -> bool:
     return remaining is not None and remaining < STREAM_DEADLINE_SLACK
 
 
-def _abort(context: grpc.ServicerContext, err: EdgecowError) -> None:
+def _abort(context: grpc.ServicerContext, err: EdgecowError) -> NoReturn:
     context.abort(err.code, err.message)
 
 
-def handled(method: Callable[..., Any]) -> Callable[..., Any]:
+def handled(
+    method: Callable[[_Servicer, _Request, grpc.ServicerContext], _Response],
+) -> Callable[[_Servicer, _Request, grpc.ServicerContext], _Response]:
     """Map EdgecowError to its status code; other exceptions to INTERNAL with a generic message."""
 
     @functools.wraps(method)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+    def wrapper(self: _Servicer, request: _Request, context: grpc.ServicerContext) -> _Response:
         try:
             return method(self, request, context)
         except EdgecowError as err:
@@ -122,7 +128,8 @@ def handled(method: Callable[..., Any]) -> Callable[..., Any]:
         except MemoryError:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "the server ran out of memory for this call")
         except Exception:
-            if context.code() is not None:  # already aborted
+            # code() is in grpc's ServicerContext (experimental) but not in types-grpcio's stub.
+            if context.code() is not None:  # type: ignore[attr-defined]  # already aborted
                 raise
             log.exception("unexpected error in %s", method.__name__)
             context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed inside the server; see its log")
@@ -161,11 +168,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- metadata --------------------------------------------------------------------------------------
     @handled
-    def ServerMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.ServicerContext
+    ) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name="edgecow", version=__version__, extensions=EXTENSIONS)
 
     @handled
-    def ModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.ServicerContext
+    ) -> pb.ModelMetadataResponse:
         model = self.state.store.get(request.name, request.version)
         versions = [str(m.version) for m in self.state.store.loaded() if m.name == model.name]
         response = pb.ModelMetadataResponse(name=model.name, versions=versions, platform="onnxruntime_onnx")
@@ -176,7 +187,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     @handled
-    def ModelConfig(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.ServicerContext) -> pb.ModelConfigResponse:
         model = self.state.store.get(request.name, request.version)
         config = pb.ModelConfig(name=model.name, platform="onnxruntime_onnx", backend="onnxruntime")
         policy = self.state.store.repository.config(model.name).version_policy
@@ -195,7 +206,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelConfigResponse(config=config)
 
     @handled
-    def ModelStatistics(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
         store = self.state.store
         if not request.name:
             models = store.loaded()
@@ -233,14 +246,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         request: convert.SplitInferRequest | pb.ModelInferRequest,
         context: grpc.ServicerContext,
         cancellation: Cancellation,
-    ) -> tuple[pb.ModelInferResponse, list[Any]]:
+    ) -> convert.InferReply:
         return self.adapter.infer(
             request, local=self._local(context), transport_remaining=context.time_remaining(),
             cancellation=cancellation,
         )
 
     @handled
-    def ModelInfer(self, request: convert.SplitInferRequest, context: grpc.ServicerContext) -> Any:
+    def ModelInfer(  # type: ignore[override]  # add_services swaps its codec: a SplitInferRequest in, an InferReply out
+        self, request: convert.SplitInferRequest, context: grpc.ServicerContext
+    ) -> convert.InferReply:
         cancellation = Cancellation()
         context.add_callback(cancellation.cancel)  # fires when the RPC ends, early if the caller went away
         return self._infer(request, context, cancellation)
@@ -280,7 +295,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- repository ------------------------------------------------------------------------------------
     @handled
-    def RepositoryIndex(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
         self._check_repository(request.repository_name)
         response = pb.RepositoryIndexResponse()
         for state in self.state.store.index():
@@ -293,7 +310,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     @handled
-    def RepositoryModelLoad(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
         self._check_repository(request.repository_name)
         self._check_control(context, "load models")
         if request.parameters:
@@ -304,7 +323,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelLoadResponse()
 
     @handled
-    def RepositoryModelUnload(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
         self._check_repository(request.repository_name)
         self._check_control(context, "unload models")
         if not request.model_name:
@@ -334,7 +355,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise PermissionDenied("shared memory can only be registered by callers on this machine")
 
     @handled
-    def SystemSharedMemoryStatus(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: grpc.ServicerContext
+    ) -> pb.SystemSharedMemoryStatusResponse:
         response = pb.SystemSharedMemoryStatusResponse()
         if not self.state.settings.shm_enabled:
             return response
@@ -348,38 +371,48 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     @handled
-    def SystemSharedMemoryRegister(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: grpc.ServicerContext
+    ) -> pb.SystemSharedMemoryRegisterResponse:
         self._check_shm(context)
         self.state.registry.register(request.name, request.key, request.offset, request.byte_size)
         return pb.SystemSharedMemoryRegisterResponse()
 
     @handled
-    def SystemSharedMemoryUnregister(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: grpc.ServicerContext
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
         self._check_shm(context)
         self.state.registry.unregister(request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
 
     # -- CUDA shared memory: not on this server --------------------------------------------------------
     @handled
-    def CudaSharedMemoryStatus(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def CudaSharedMemoryStatus(
+        self, request: pb.CudaSharedMemoryStatusRequest, context: grpc.ServicerContext
+    ) -> pb.CudaSharedMemoryStatusResponse:
         if request.name:
             raise NotFound(f"CUDA shared-memory region {request.name!r} is not registered")
         return pb.CudaSharedMemoryStatusResponse()
 
     @handled
-    def CudaSharedMemoryRegister(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def CudaSharedMemoryRegister(
+        self, request: pb.CudaSharedMemoryRegisterRequest, context: grpc.ServicerContext
+    ) -> pb.CudaSharedMemoryRegisterResponse:
         raise Unimplemented("CUDA shared memory is not supported by edgecow; use system shared memory")
 
     @handled
-    def CudaSharedMemoryUnregister(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def CudaSharedMemoryUnregister(
+        self, request: pb.CudaSharedMemoryUnregisterRequest, context: grpc.ServicerContext
+    ) -> pb.CudaSharedMemoryUnregisterResponse:
         return pb.CudaSharedMemoryUnregisterResponse()  # nothing is ever registered, so this always holds
 
     @handled
-    def TraceSetting(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def TraceSetting(self, request: pb.TraceSettingRequest, context: grpc.ServicerContext) -> pb.TraceSettingResponse:
         raise Unimplemented("tracing is not supported by edgecow")
 
     @handled
-    def LogSettings(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def LogSettings(self, request: pb.LogSettingsRequest, context: grpc.ServicerContext) -> pb.LogSettingsResponse:
         raise Unimplemented("log settings cannot be changed at run time; use --log-level")
 
 
@@ -390,7 +423,9 @@ class EdgecowServicer(edgecow_pb2_grpc.EdgecowServiceServicer):
         self.state = state
 
     @handled
-    def ProbeSharedMemory(self, request: edgecow_pb2.ProbeSharedMemoryRequest, context: grpc.ServicerContext) -> Any:
+    def ProbeSharedMemory(
+        self, request: edgecow_pb2.ProbeSharedMemoryRequest, context: grpc.ServicerContext
+    ) -> edgecow_pb2.ProbeSharedMemoryResponse:
         state = self.state
         response = edgecow_pb2.ProbeSharedMemoryResponse()
         if not state.settings.shm_enabled:
@@ -411,7 +446,9 @@ class EdgecowServicer(edgecow_pb2_grpc.EdgecowServiceServicer):
         return response
 
     @handled
-    def GetStatus(self, request: edgecow_pb2.GetStatusRequest, context: grpc.ServicerContext) -> Any:
+    def GetStatus(
+        self, request: edgecow_pb2.GetStatusRequest, context: grpc.ServicerContext
+    ) -> edgecow_pb2.GetStatusResponse:
         state = self.state
         local = is_local_peer(context.peer(), state.settings.local_peers)
         response = edgecow_pb2.GetStatusResponse(
@@ -439,12 +476,15 @@ class _Captured:
 
     def __init__(self) -> None:
         self.service = ""
-        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+        # The handlers' request and response types differ from method to method.
+        self.handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
-    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+    def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None:
         pass
 
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
         self.service, self.handlers = service, dict(handlers)
 
 
@@ -453,10 +493,13 @@ def add_services(server: grpc.Server, state: ServerState) -> None:
     # leaves raw tensors out of protobuf (see shm_client.shared.wire): the large-tensor path copies each
     # tensor once instead of five or six times.
     captured = _Captured()
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(state), captured)
+    # A cast: the generated function calls only the two methods _Captured has of a grpc.Server.
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(state), cast(grpc.Server, captured))
     handlers = captured.handlers
+    model_infer = handlers["ModelInfer"].unary_unary
+    assert model_infer is not None  # ModelInfer is a unary call
     handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
-        handlers["ModelInfer"].unary_unary,
+        model_infer,
         request_deserializer=convert.decode_infer_request,
         response_serializer=convert.encode_infer_response,
     )
