@@ -52,7 +52,7 @@ from shm_client.shared.segments import (
 try:
     from . import _sigbus_guard
 except ImportError:  # pip builds it (pyproject ext-modules); missing only in a copied or broken install
-    _sigbus_guard = None
+    _sigbus_guard = None  # type: ignore[assignment]  # absent module; every use checks for None first
 
 log = logging.getLogger(__name__)
 NO_GUARD = (
