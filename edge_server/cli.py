@@ -17,12 +17,15 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edge_server import __version__
 from shm_client.shared.errors import EdgecowError
+
+if TYPE_CHECKING:
+    from shm_client import EdgeClient
 
 # The top-level modules of the packages only the [server] extra installs.
 SERVER_ONLY_MODULES = frozenset({"onnxruntime", "psutil", "grpc_health", "grpc_reflection", "tomli"})
@@ -171,7 +174,7 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(settings, args.config)
 
 
-def _client(args: argparse.Namespace, transport: str = "grpc") -> Any:
+def _client(args: argparse.Namespace, transport: str = "grpc") -> EdgeClient:
     from shm_client import EdgeClient
 
     return EdgeClient(args.target, transport=transport, timeout=30.0)
