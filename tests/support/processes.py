@@ -1,0 +1,147 @@
+"""Child processes the tests and the bench start: an edgecow server on a temporary socket, pumped output.
+
+    server = ServerProcess(repo, tmp_path).start()           # repo=None: the packaged example models
+    EdgeClient(server.unix_target).infer("scale", {"x": x}); server.stop()
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import psutil
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+LISTEN_PATTERN = re.compile(r"listening on (\S+)")
+
+
+class ChildProcess:
+    """A command whose output a thread collects line by line; ready once a line contains `ready_marker`
+    (or once its output ends: a process that dies at start is reported by `alive()`, not by `start()`)."""
+
+    ready_marker = "ready"
+
+    def __init__(self, cmd: list[str], env: dict[str, str] | None = None) -> None:
+        self.cmd = cmd
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        if "NOTIFY_SOCKET" not in (env or {}):
+            self.env.pop("NOTIFY_SOCKET", None)
+        self.lines: list[str] = []
+        self.proc: subprocess.Popen[str] | None = None
+        self._ready = threading.Event()
+
+    def start(self, timeout: float = 60.0) -> ChildProcess:
+        self.proc = subprocess.Popen(
+            self.cmd, cwd=REPO_ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        threading.Thread(target=self._pump, daemon=True).start()
+        if not self._ready.wait(timeout):
+            self.kill()
+            raise RuntimeError(f"{self.cmd[1:4]} did not become ready in {timeout}s:\n{self.log}")
+        return self
+
+    def _pump(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            line = line.rstrip("\n")
+            self.lines.append(line)
+            self._line(line)
+            if self.ready_marker in line:
+                self._ready.set()
+        self._ready.set()
+
+    def _line(self, line: str) -> None:
+        """Called for every output line before the ready check; subclasses pick out what they need."""
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def rss(self) -> int:
+        return psutil.Process(self.pid).memory_info().rss
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM and wait; a process still there after `timeout` is killed and TimeoutExpired raised."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def __enter__(self) -> ChildProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class ServerProcess(ChildProcess):
+    """`python -m edge_server serve` on workdir/edgecow.sock and a free loopback port."""
+
+    ready_marker = "ready: "
+
+    def __init__(self, repo: Path | None, workdir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.repo = None if repo is None else Path(repo)
+        self.socket = Path(workdir) / "edgecow.sock"
+        self.args = list(args)
+        self.listeners: list[str] = []
+        repo_args = [] if self.repo is None else ["--model-repository", str(self.repo)]
+        super().__init__(
+            [sys.executable, "-m", "edge_server", "serve", *repo_args,
+             "--socket", str(self.socket), "--listen", "127.0.0.1:0", *self.args],
+            env=env,
+        )
+
+    def start(self, timeout: float = 60.0) -> ServerProcess:
+        super().start(timeout)
+        return self
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def _line(self, line: str) -> None:
+        match = LISTEN_PATTERN.search(line)
+        if match:
+            self.listeners.append(match.group(1))
+
+    @property
+    def unix_target(self) -> str:
+        return f"unix://{self.socket}"
+
+    @property
+    def tcp_target(self) -> str:
+        return next(addr for addr in self.listeners if not addr.startswith("unix:"))
+
+    @property
+    def lane_path(self) -> Path:
+        """The local lane's socket, beside the gRPC one."""
+        return self.socket.with_name(f"{self.socket.stem}-lane.sock")
