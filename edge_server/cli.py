@@ -294,7 +294,7 @@ def _offline_models(root: Path) -> list[dict[str, Any]]:
 def _models_import(args: argparse.Namespace) -> int:
     with _server_modules("models import"):
         from .config import load_settings
-        from .repository import Repository
+        from .repository import Repository, import_sources
         from .runtime import ModelOptions, ModelRuntime
 
     root = args.model_repository or load_settings(args.config).model_repository
@@ -304,11 +304,14 @@ def _models_import(args: argparse.Namespace) -> int:
     version = args.version or (repository.latest_version(args.name) or 0) + 1
     cpu_only = ModelOptions(providers=("CPUExecutionProvider",))
     try:
+        data_files = import_sources(args.file)  # checked before onnxruntime opens any of them
         model = ModelRuntime.load(args.name, version, args.file, cpu_only)
     except EdgecowError as err:
         raise EdgecowError(f"{args.file} cannot be imported: {err.message}") from None
     target = repository.import_model(args.file, args.name, version)
     print(f"imported {args.file} as {args.name} version {target.parent.name} -> {target}")
+    for location in data_files:
+        print(f"    external data {location}")
     for spec in model.inputs:
         print(f"    input  {spec.name:<20} {spec.datatype.name:<6} {list(spec.shape)}")
     for spec in model.outputs:

@@ -11,6 +11,7 @@ a call holds the ModelRuntime it started with, so it finishes on the old session
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import threading
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from shm_client.shared.errors import EdgecowError, InvalidArgument, NotFound, Unavailable
 
 from .config import ConfigError, Settings, read_toml
+from .external_data import external_files
 
 if TYPE_CHECKING:  # runtime imports onnxruntime, which reading a repository does not need
     from .runtime import ModelRuntime
@@ -124,6 +126,9 @@ class Repository:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        # model.onnx path -> (its inode, mtime and size; its external-data names; why they are refused):
+        # polling reads a model file again only when it changed.
+        self._external: dict[Path, tuple[tuple[int, int, int], tuple[str, ...], str]] = {}
 
     def model_names(self) -> list[str]:
         if not self.root.is_dir():
@@ -154,13 +159,47 @@ class Repository:
         # Errors name the file relative to the repository: callers should not learn the server's paths.
         return parse_model_config(path, f"{name}/{CONFIG_FILE}") if path.is_file() else ModelConfigFile()
 
-    def fingerprint(self, name: str, version: int) -> tuple[int, int]:
-        """Changes when the file is replaced, so polling reloads a rewritten version."""
-        stat = self.model_path(name, version).stat()
-        return stat.st_mtime_ns, stat.st_size
+    def fingerprint(self, name: str, version: int) -> tuple[Any, ...]:
+        """Changes when model.onnx or one of the external-data files it names is replaced, rewritten,
+        appears or goes, so polling reloads that version."""
+        path = self.model_path(name, version)
+        stat = path.stat()
+        prints: list[Any] = [(stat.st_mtime_ns, stat.st_size)]
+        try:
+            names = self.external_files(name, version)
+        except Unavailable:
+            names = ()  # refused when the version loads
+        for location in names:
+            try:
+                data = (path.parent / location).stat()
+                prints.append((location, data.st_mtime_ns, data.st_size))
+            except OSError:
+                prints.append((location, None))
+        return tuple(prints)
+
+    def external_files(self, name: str, version: int) -> tuple[str, ...]:
+        """The external-data files a version's model.onnx names, relative to its directory;
+        Unavailable (the version cannot load) when one would lie outside it."""
+        path = self.model_path(name, version)
+        try:
+            stat = path.stat()
+        except OSError:
+            return ()  # gone meanwhile: loading it says so
+        key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        cached = self._external.get(path)
+        if cached is None or cached[0] != key:
+            try:
+                cached = (key, external_files(path), "")
+            except InvalidArgument as err:
+                cached = (key, (), err.message)
+            self._external[path] = cached
+        if cached[2]:
+            raise Unavailable(f"model {name} version {version} cannot be loaded: {cached[2]}")
+        return cached[1]
 
     def import_model(self, source: Path, name: str, version: int | None = None) -> Path:
-        """Copy a validated ONNX file in as `version` (default: one past the highest) and return its path."""
+        """Copy a validated ONNX file, and the external-data files it names, in as `version` (default: one
+        past the highest) and return the new model.onnx."""
         if not NAME_PATTERN.match(name):
             raise InvalidArgument(
                 f"model name {name!r} is not allowed; use letters, digits, '_', '-' or '.', at most 128 characters"
@@ -172,11 +211,52 @@ class Repository:
         target = self.model_path(name, version)
         if target.exists():
             raise InvalidArgument(f"model {name} version {version} already exists; choose another --version")
+        data_files = import_sources(source)
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(".onnx.partial")
-        shutil.copyfile(source, partial)
-        partial.replace(target)  # atomic: a polling server never sees a half-written file
+        # Each file lands by an atomic rename, model.onnx last: a polling server sees the version (a directory
+        # holding model.onnx) only once it is whole.
+        for location in data_files:
+            _copy_whole(source.parent / location, target.parent / location)
+        _copy_whole(source, target)
         return target
+
+
+def import_sources(source: Path) -> tuple[str, ...]:
+    """The external-data files the ONNX file `source` names, checked before an import copies them: inside
+    its directory (no absolute name, no '..' out of it, no symbolic link leading out), present, and not
+    in the place model.onnx will take."""
+    names = external_files(source)
+    base = source.parent.resolve()
+    for location in names:
+        if os.path.normpath(location) == MODEL_FILE:
+            raise InvalidArgument(
+                f"the model keeps external data in a file named {MODEL_FILE!r}, the name the model itself takes "
+                "in the repository; save the data under another name"
+            )
+        path = (source.parent / location).resolve()
+        if not path.is_relative_to(base):
+            raise InvalidArgument(
+                f"the model's external data {location!r} is a symbolic link that leads outside the model's "
+                "directory; put the file itself beside the model"
+            )
+        if not path.is_file():
+            raise InvalidArgument(
+                f"the model names external data {location!r}, which is not beside it; put that file in "
+                f"{source.name}'s directory"
+            )
+    return names
+
+
+def _copy_whole(source: Path, target: Path) -> None:
+    """Copy `source` to `target` through a neighbouring .partial file and an atomic rename."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    try:
+        shutil.copyfile(source, partial)
+        partial.replace(target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 @dataclass
@@ -192,7 +272,7 @@ class ModelState:
 @dataclass
 class _Entry:
     versions: dict[int, ModelRuntime] = field(default_factory=dict)
-    fingerprints: dict[int, tuple[int, int]] = field(default_factory=dict)
+    fingerprints: dict[int, tuple[Any, ...]] = field(default_factory=dict)
     failures: dict[int, str] = field(default_factory=dict)
     error: str = ""  # a model-level problem, e.g. a broken config.toml
 
@@ -356,6 +436,7 @@ class ModelStore:
                 new.fingerprints[version] = fingerprint
                 continue
             try:
+                self.repository.external_files(name, version)  # refuses data files outside the version
                 new.versions[version] = self._loader(
                     name, version, self.repository.model_path(name, version), config, self.settings
                 )
