@@ -7,21 +7,18 @@
 from __future__ import annotations
 
 import shutil
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
-import models
 import numpy as np
 import pytest
-from conftest import ServerProcess
 
-from shm_client.shared._proto import edgecow_pb2, edgecow_pb2_grpc
 from shm_client.shared._proto import inference_pb2 as pb
 from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
-
-SLOW_ITERATIONS = 100_000  # about 4 s of work on one core (about 0.04 ms per iteration)
+from tests.support import models
+from tests.support.gate import Call, Gate
+from tests.support.processes import ServerProcess
 
 
 class Handle:
@@ -31,7 +28,6 @@ class Handle:
         self.proc = proc
         self.channel = grpc.insecure_channel(proc.unix_target)
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
-        self.edgecow = edgecow_pb2_grpc.EdgecowServiceStub(self.channel)
 
     def ready(self, name: str, version: str = "") -> bool:
         return self.stub.ModelReady(pb.ModelReadyRequest(name=name, version=version), timeout=10).ready
@@ -195,43 +191,21 @@ def test_config_toml_broken_while_serving_keeps_the_loaded_versions(tmp_path: Pa
     assert server.index()[("scale", "1")].state == "READY"
 
 
-def _slow_call(server: Handle, outcome: dict[str, object]) -> None:
-    message = pb.ModelInferRequest(model_name="slow")
-    message.inputs.add(name="x", datatype="FP32", shape=[3])
-    message.inputs.add(name="iterations", datatype="INT64", shape=[])
-    message.raw_input_contents.extend([X.tobytes(), np.int64(SLOW_ITERATIONS).tobytes()])
-    try:
-        outcome["response"] = server.stub.ModelInfer(message, timeout=120)
-    except grpc.RpcError as err:
-        outcome["error"] = err
-
-
-def _in_flight(server: Handle, name: str) -> int:
-    status = server.edgecow.GetStatus(edgecow_pb2.GetStatusRequest(), timeout=10)
-    return sum(m.in_flight for m in status.models if m.name == name)
-
-
 def test_call_in_flight_on_the_old_version_finishes_across_a_swap(tmp_path: Path, start, wait_until) -> None:
     root = tmp_path / "models"
-    models.write_model(root, "slow", 1, models.slow_model())
+    models.write_model(root, "gate", 1, models.gate_model())
     server = start(root, "--poll-interval", "0.5")
-    outcome: dict[str, object] = {}
-    caller = threading.Thread(target=_slow_call, args=(server, outcome))
-    caller.start()
-    try:
-        assert wait_until(lambda: _in_flight(server, "slow") == 1, timeout=30)
-        models.write_model(root, "slow", 2, models.slow_model())
-        assert wait_until(lambda: server.ready("slow", "2") and not server.ready("slow", "1"), timeout=30)
-        swapped_while_running = caller.is_alive()
-    finally:
-        caller.join(120)
-    assert "error" not in outcome, outcome.get("error")
-    response = outcome["response"]
-    assert response.model_version == "1"
-    np.testing.assert_array_equal(np.frombuffer(response.raw_output_contents[0], "<f4"), X)
-    assert swapped_while_running, "the call ended before the swap; raise SLOW_ITERATIONS"
-    message = pb.ModelInferRequest(model_name="slow")
-    message.inputs.add(name="x", datatype="FP32", shape=[3])
-    message.inputs.add(name="iterations", datatype="INT64", shape=[])
-    message.raw_input_contents.extend([X.tobytes(), np.int64(1).tobytes()])
-    assert server.stub.ModelInfer(message, timeout=30).model_version == "2"
+    with Gate(server.proc.unix_target) as gate:
+        call = Call(lambda: server.stub.ModelInfer(gate.request(X), timeout=120))
+        try:
+            assert wait_until(lambda: gate.in_flight() == 1, timeout=30)
+            models.write_model(root, "gate", 2, models.gate_model())
+            assert wait_until(lambda: server.ready("gate", "2") and not server.ready("gate", "1"), timeout=30)
+            swapped_while_running = call.running()
+        finally:
+            gate.open()
+        response = call.result(120)
+        assert response.model_version == "1"
+        np.testing.assert_array_equal(np.frombuffer(response.raw_output_contents[0], "<f4"), X)
+        assert swapped_while_running, "the call ended before the swap, with its gate still shut"
+        assert server.stub.ModelInfer(gate.request(X), timeout=30).model_version == "2"

@@ -5,18 +5,19 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerProcess, self_signed
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from shm_client import EdgeClient
-from shm_client.shared._proto import edgecow_pb2, edgecow_pb2_grpc
+from tests.support.certs import self_signed
+from tests.support.gate import Call, Gate
+from tests.support.processes import ServerProcess
+from tests.support.stubs import v2_stub
 
 
 def test_health_service_reports_serving_for_the_server_and_the_v2_service(server: ServerProcess) -> None:
@@ -58,32 +59,18 @@ def test_tls_listener_serves_inference_to_a_client_that_trusts_the_certificate(
         assert proc.stop() == 0
 
 
-def test_calls_on_one_model_run_concurrently(server: ServerProcess) -> None:
-    """Two slow calls are inside onnxruntime at the same time (the server shows both in flight)."""
-    seen: list[int] = []
-    stop = threading.Event()
-
-    def watch() -> None:
-        with grpc.insecure_channel(server.tcp_target) as channel:
-            stub = edgecow_pb2_grpc.EdgecowServiceStub(channel)
-            while not stop.is_set():
-                status = stub.GetStatus(edgecow_pb2.GetStatusRequest(), timeout=5)
-                seen.extend(m.in_flight for m in status.models if m.name == "slow")
-
-    def call() -> None:
-        with EdgeClient(server.unix_target, transport="grpc") as client:
-            client.infer("slow", {"x": np.ones(4, np.float32), "iterations": np.array(40_000, np.int64)})
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    callers = [threading.Thread(target=call) for _ in range(2)]
-    for thread in callers:
-        thread.start()
-    for thread in callers:
-        thread.join(60)
-    stop.set()
-    watcher.join(10)
-    assert max(seen) == 2, f"in-flight counts seen: {sorted(set(seen))}"
+def test_calls_on_one_model_run_concurrently(server: ServerProcess, gate: Gate, wait_until) -> None:
+    """Two calls are inside onnxruntime at the same time (the server shows both in flight)."""
+    stub = v2_stub(server.unix_target)
+    x = np.arange(4, dtype=np.float32)
+    calls = [Call(lambda: stub.ModelInfer(gate.request(x), timeout=60)) for _ in range(2)]
+    try:
+        both = wait_until(lambda: gate.in_flight() == 2, timeout=30)
+    finally:
+        gate.open()
+    for call in calls:
+        np.testing.assert_array_equal(np.frombuffer(call.result().raw_output_contents[0], np.float32), x)
+    assert both, f"in flight at the end of the wait: {gate.in_flight()}"
 
 
 @pytest.mark.parametrize("service", ["inference.GRPCInferenceService", "edgecow.v1.EdgecowService"])

@@ -1,83 +1,26 @@
 """The server's life as systemd sees it: a real server process under a test-owned $NOTIFY_SOCKET.
 
     sd = NotifyListener(tmp_path / "notify")
-    ServerProcess(repo, tmp_path, env={"NOTIFY_SOCKET": str(sd.path)}).start(); sd.wait_for("READY")
+    ServerProcess(repo, tmp_path, env=sd.env()).start(); sd.wait_for("READY")
 """
 
 from __future__ import annotations
 
 import re
 import signal
-import socket
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import models
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
-from conftest import ServerProcess
 
 from shm_client.shared._proto import inference_pb2, inference_pb2_grpc
-
-Predicate = Callable[[list[dict[str, str]]], bool]
-SLOW_ITERATIONS = 50_000  # about 2 s of work on an idle core (about 0.04 ms per iteration)
-
-
-class NotifyListener:
-    """Plays systemd's side of $NOTIFY_SOCKET: collects every message, in order, as a dict of fields.
-
-    `on_ready` runs in the listener thread the moment a READY=1 arrives, before anything else is read, so
-    it sees the server exactly as systemd would when it declares the service started.
-    """
-
-    def __init__(self, path: Path, on_ready: Callable[[], object] | None = None) -> None:
-        self.path = path
-        self.on_ready = on_ready
-        self.ready_results: list[object] = []
-        self.messages: list[dict[str, str]] = []
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind(str(path))
-        self._sock.settimeout(0.1)
-        self._changed = threading.Condition()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._listen, daemon=True)
-        self._thread.start()
-
-    def _listen(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self._sock.recv(4096)
-            except TimeoutError:
-                continue
-            message = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
-            if message.get("READY") == "1" and self.on_ready is not None:
-                self.ready_results.append(self.on_ready())
-            with self._changed:
-                self.messages.append(message)
-                self._changed.notify_all()
-
-    def keys(self) -> list[str]:
-        """Which flag each message carried, in order: READY, WATCHDOG, RELOADING, STOPPING or STATUS."""
-        flags = ("READY", "RELOADING", "STOPPING", "WATCHDOG")
-        with self._changed:
-            return [next((f for f in flags if m.get(f) == "1"), "STATUS" if "STATUS" in m else "?")
-                    for m in self.messages]
-
-    def wait_for(self, predicate: Predicate | str, timeout: float = 30.0) -> bool:
-        """Wait until `predicate(messages)` holds; a string waits for a message with that flag set to 1."""
-        if isinstance(predicate, str):
-            flag = predicate
-            predicate = lambda messages: any(m.get(flag) == "1" for m in messages)  # noqa: E731
-        with self._changed:
-            return self._changed.wait_for(lambda: predicate(list(self.messages)), timeout)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sock.close()
+from tests.support import models
+from tests.support.gate import Call, Gate
+from tests.support.notify import NotifyListener
+from tests.support.processes import ServerProcess
 
 
 def server_live(unix_socket: Path) -> bool:
@@ -96,13 +39,14 @@ def server_segments(pid: int) -> list[str]:
     return sorted(p.name for p in Path("/dev/shm").iterdir() if pattern.match(p.name))
 
 
-def infer_slow(target: str, iterations: int) -> np.ndarray:
+def infer_gated(target: str, gate_region: str) -> np.ndarray:
+    """The gate model on x through tritonclient, its gate read from `gate_region`: held until it opens."""
     x = np.arange(8, dtype=np.float32)
-    inputs = [triton.InferInput("x", [8], "FP32"), triton.InferInput("iterations", [], "INT64")]
+    inputs = [triton.InferInput("x", [8], "FP32"), triton.InferInput("gate", [1], "INT32")]
     inputs[0].set_data_from_numpy(x)
-    inputs[1].set_data_from_numpy(np.array(iterations, dtype=np.int64))
+    inputs[1].set_shared_memory(gate_region, 4)
     with triton.InferenceServerClient(target) as client:
-        result = client.infer("slow", inputs, client_timeout=120)
+        result = client.infer("gate", inputs, client_timeout=120)
     np.testing.assert_array_equal(result.as_numpy("y"), x)
     return result.as_numpy("y")
 
@@ -118,7 +62,7 @@ def infer_scale(client: triton.InferenceServerClient, version: str = "") -> np.n
 def repo(tmp_path: Path) -> Path:
     root = tmp_path / "models"
     models.write_model(root, "scale", 1, models.scale_model(factor=1.0))
-    models.write_model(root, "slow", 1, models.slow_model())
+    models.write_model(root, "gate", 1, models.gate_model())
     return root
 
 
@@ -139,7 +83,7 @@ def workdir(tmp_path: Path) -> Path:
 def test_server_reports_ready_watchdog_status_and_stopping(
     repo: Path, workdir: Path, notify: NotifyListener
 ) -> None:
-    server = ServerProcess(repo, workdir, env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "400000"})
+    server = ServerProcess(repo, workdir, env=notify.env(watchdog_usec=400_000))
     notify.on_ready = lambda: server_live(server.socket)
     server.start()
     try:
@@ -164,37 +108,31 @@ def test_server_reports_ready_watchdog_status_and_stopping(
 
 
 def test_sigterm_lets_a_call_in_flight_finish(repo: Path, workdir: Path, notify: NotifyListener) -> None:
-    # A grace period far longer than the call even on a loaded machine; the STATUS= line (refreshed every
-    # 0.1 s here) tells when the call is on the server, so SIGTERM lands while it runs.
+    # The call is held by its gate until SIGTERM has started the drain; the STATUS= line (refreshed every
+    # 0.1 s here) shows it on the server first. The grace period is far longer than the test.
     server = ServerProcess(
-        repo, workdir, "--grace-period", "240", "--shm-reap-interval", "0.1",
-        env={"NOTIFY_SOCKET": str(notify.path)},
+        repo, workdir, "--grace-period", "240", "--shm-reap-interval", "0.1", env=notify.env(),
     ).start()
+    gate = Gate(server.unix_target)
     try:
         segments_while_running = server_segments(server.pid)
         assert segments_while_running, "the server made no shared-memory segment of its own to clean up"
-        outcome: dict[str, object] = {}
-
-        def call() -> None:
-            try:
-                outcome["y"] = infer_slow(server.tcp_target, SLOW_ITERATIONS)
-            except Exception as exc:  # reported by the assertion below, with the server log
-                outcome["error"] = exc
-
-        caller = threading.Thread(target=call)
-        caller.start()
-        in_flight = re.compile(r"\b[1-9]\d* call\(s\) in flight")
-        assert notify.wait_for(lambda ms: any(in_flight.search(m.get("STATUS", "")) for m in ms), 60), (
-            f"no STATUS= reported the call in flight: {[m.get('STATUS') for m in notify.messages]}"
-        )
-        assert caller.is_alive(), f"the slow call ended before SIGTERM could be sent: {outcome}"
-        server.signal(signal.SIGTERM)
-
-        caller.join(250)
-        assert "error" not in outcome, f"{outcome.get('error')}\n{server.log}"
-        assert "y" in outcome
+        call = Call(lambda: infer_gated(server.unix_target, gate.region))
+        try:
+            in_flight = re.compile(r"\b[1-9]\d* call\(s\) in flight")
+            assert notify.wait_for(lambda ms: any(in_flight.search(m.get("STATUS", "")) for m in ms), 60), (
+                f"no STATUS= reported the call in flight: {[m.get('STATUS') for m in notify.messages]}"
+            )
+            server.signal(signal.SIGTERM)
+            assert notify.wait_for("STOPPING", 60), f"no STOPPING=1; got {notify.keys()}"
+            assert call.running(), f"the held call ended before its gate opened: {call.error()!r}"
+        finally:
+            gate.open()
+        error = call.error(250)
+        assert error is None, f"{error!r}\n{server.log}"
         assert server.wait(30) == 0, server.log
     finally:
+        gate.close()
         server.kill()
     leftovers = server_segments(server.pid)
     assert leftovers == [], f"left in /dev/shm: {leftovers} (while running: {segments_while_running})"
@@ -203,7 +141,7 @@ def test_sigterm_lets_a_call_in_flight_finish(repo: Path, workdir: Path, notify:
 def test_sighup_serves_a_new_version_without_restart(
     repo: Path, workdir: Path, notify: NotifyListener, wait_until
 ) -> None:
-    server = ServerProcess(repo, workdir, env={"NOTIFY_SOCKET": str(notify.path)}).start()
+    server = ServerProcess(repo, workdir, env=notify.env()).start()
     try:
         pid = server.pid
         with triton.InferenceServerClient(server.tcp_target) as client:
