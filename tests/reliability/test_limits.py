@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,18 +16,13 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, ServerProcess
-from reliability_helpers import (  # noqa: F401 (segments_fixture is the `segments` fixture)
-    in_flight,
-    our_shm_entries,
-    registered_names,
-    rpc_error,
-    segments_fixture,
-    v2_stub,
-)
 
 from edge_server.config import ConfigError, load_settings
 from shm_client.shared._proto import inference_pb2 as pb
+from tests.support.gate import Call, Gate, inline_gate_request
+from tests.support.processes import REPO_ROOT, ServerProcess
+from tests.support.shm import our_shm_entries
+from tests.support.stubs import in_flight, registered_names, rpc_error, v2_stub
 
 C = grpc.StatusCode
 LIMIT_FLAGS = {
@@ -40,7 +34,7 @@ LIMIT_FLAGS = {
     "--max-inflight-per-model": "1",
     "--max-queue-per-model": "1",
 }
-SLOW_LONG = 200_000  # iterations: tens of seconds, far past any deadline below
+X = np.arange(8, dtype=np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -63,27 +57,12 @@ def tensor_request(model: str, name: str, array: np.ndarray, dtype: str) -> pb.M
     return request
 
 
-def slow_request(iterations: int, timeout_us: int | None = None, n: int = 8) -> pb.ModelInferRequest:
-    request = tensor_request("slow", "x", np.arange(n, dtype=np.float32), "FP32")
-    request.inputs.add(name="iterations", datatype="INT64", shape=[])
-    request.raw_input_contents.append(np.array(iterations, np.int64).tobytes())
+def gated(gate: int, timeout_us: int | None = None) -> pb.ModelInferRequest:
+    """The gate model on X with its gate in the request: 1 answers at once, 0 runs until stopped."""
+    request = inline_gate_request(X, gate)
     if timeout_us is not None:
         request.parameters["timeout"].int64_param = timeout_us
     return request
-
-
-def in_background(call: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["reply"] = call()
-        except grpc.RpcError as err:
-            outcome["error"] = err
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, outcome
 
 
 def test_serve_help_documents_every_limit() -> None:
@@ -174,53 +153,59 @@ def test_more_mapped_bytes_than_shm_max_mapped_bytes(stub: Any, segments: Callab
 
 def test_wait_queue_full_is_refused(stub: Any, limited: ServerProcess, wait_until: Callable[..., Any]) -> None:
     """One call runs, one waits, the next is refused; the two admitted ones both finish."""
-    holder, held = in_background(lambda: stub.ModelInfer(slow_request(8_000), timeout=120))
-    assert wait_until(lambda: in_flight(limited.unix_target, "slow") == 1, interval=0.01)
-    contenders = [in_background(lambda: stub.ModelInfer(slow_request(10), timeout=120)) for _ in range(2)]
-    for thread, _ in [(holder, held), *contenders]:
-        thread.join(120)
-    outcomes = [outcome for _, outcome in contenders]
-    refused = [o["error"] for o in outcomes if "error" in o]
-    assert "reply" in held
+    with Gate(limited.unix_target) as gate:
+        holder = Call(lambda: stub.ModelInfer(gate.request(X), timeout=120))
+        try:
+            assert wait_until(lambda: gate.in_flight() == 1, interval=0.01)
+            contenders = [Call(lambda: stub.ModelInfer(gate.request(X), timeout=120)) for _ in range(2)]
+            assert wait_until(lambda: not all(c.running() for c in contenders), timeout=30)
+        finally:
+            gate.open()
+        outcomes = [contender.error(120) for contender in contenders]
+        assert holder.error(120) is None
+    refused = [error for error in outcomes if error is not None]
     assert len(refused) == 1, outcomes
     assert refused[0].code() == C.RESOURCE_EXHAUSTED
-    assert "max_queue_per_model" in refused[0].details() and "'slow'" in refused[0].details()
-    assert sum("reply" in o for o in outcomes) == 1
+    assert "max_queue_per_model" in refused[0].details() and "'gate'" in refused[0].details()
+    assert sum(error is None for error in outcomes) == 1
 
 
 def test_grpc_deadline_stops_the_run_and_frees_the_slot(
     stub: Any, limited: ServerProcess, wait_until: Callable[..., Any]
 ) -> None:
     started = time.monotonic()
-    err = rpc_error(lambda: stub.ModelInfer(slow_request(SLOW_LONG), timeout=0.5))
+    err = rpc_error(lambda: stub.ModelInfer(gated(0), timeout=0.5))
     assert err is not None and err.code() == C.DEADLINE_EXCEEDED
-    # onnxruntime was told to terminate: the slot is free long before the run would have ended.
-    assert wait_until(lambda: in_flight(limited.unix_target, "slow") == 0, timeout=10)
-    reply = stub.ModelInfer(slow_request(10), timeout=30)  # max_inflight_per_model is 1: the slot is back
-    np.testing.assert_array_equal(np.frombuffer(reply.raw_output_contents[0], np.float32), np.arange(8))
+    # onnxruntime was told to terminate: the slot is free, and the shut gate would never have ended the run.
+    assert wait_until(lambda: in_flight(limited.unix_target, "gate") == 0, timeout=10)
+    reply = stub.ModelInfer(gated(1), timeout=30)  # max_inflight_per_model is 1: the slot is back
+    np.testing.assert_array_equal(np.frombuffer(reply.raw_output_contents[0], np.float32), X)
     assert time.monotonic() - started < 20
 
 
 def test_timeout_parameter_stops_the_run(stub: Any, limited: ServerProcess, wait_until: Callable[..., Any]) -> None:
-    err = rpc_error(lambda: stub.ModelInfer(slow_request(SLOW_LONG, timeout_us=300_000), timeout=60))
+    err = rpc_error(lambda: stub.ModelInfer(gated(0, timeout_us=300_000), timeout=60))
     assert err is not None and err.code() == C.DEADLINE_EXCEEDED, err.details()
-    assert "deadline" in err.details() and "slow" in err.details()
-    assert in_flight(limited.unix_target, "slow") == 0
-    assert stub.ModelInfer(slow_request(10), timeout=30).raw_output_contents
+    assert "deadline" in err.details() and "gate" in err.details()
+    assert in_flight(limited.unix_target, "gate") == 0
+    assert stub.ModelInfer(gated(1), timeout=30).raw_output_contents
 
 
 def test_timeout_parameter_expires_while_waiting(
     stub: Any, limited: ServerProcess, wait_until: Callable[..., Any]
 ) -> None:
-    holder, held = in_background(lambda: stub.ModelInfer(slow_request(8_000), timeout=120))
-    assert wait_until(lambda: in_flight(limited.unix_target, "slow") == 1, interval=0.01)
-    err = rpc_error(lambda: stub.ModelInfer(slow_request(10, timeout_us=200_000), timeout=60))
-    holder.join(120)
+    with Gate(limited.unix_target) as gate:
+        holder = Call(lambda: stub.ModelInfer(gate.request(X), timeout=120))
+        try:
+            assert wait_until(lambda: gate.in_flight() == 1, interval=0.01)
+            err = rpc_error(lambda: stub.ModelInfer(gated(1, timeout_us=200_000), timeout=60))
+        finally:
+            gate.open()
+        assert holder.error(120) is None
     assert err is not None and err.code() == C.DEADLINE_EXCEEDED
-    assert "waited for model 'slow'" in err.details()
-    assert "reply" in held
+    assert "waited for model 'gate'" in err.details()
     # The waiter left the queue: a later call is admitted.
-    assert stub.ModelInfer(slow_request(10), timeout=30).raw_output_contents
+    assert stub.ModelInfer(gated(1), timeout=30).raw_output_contents
 
 
 def test_server_survived_the_limits(stub: Any, limited: ServerProcess) -> None:

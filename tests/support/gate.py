@@ -93,13 +93,13 @@ class Gate:
         self.close()
 
 
-def shut_request(x: np.ndarray, model: str = "gate") -> pb.ModelInferRequest:
-    """A gate model call whose gate (0) travels in the request: it never opens, so the call runs until
-    it is cancelled (or its deadline passes)."""
+def inline_gate_request(x: np.ndarray, gate: int, model: str = "gate") -> pb.ModelInferRequest:
+    """A gate model call whose gate travels in the request itself: 1 answers at once; 0 never opens, so
+    that call runs until it is cancelled or its deadline passes."""
     request = pb.ModelInferRequest(model_name=model)
     request.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
     request.inputs.add(name="gate", datatype="INT32", shape=[1])
-    request.raw_input_contents.extend([np.ascontiguousarray(x, np.float32).tobytes(), np.zeros(1, np.int32).tobytes()])
+    request.raw_input_contents.extend([np.ascontiguousarray(x, np.float32).tobytes(), np.int32([gate]).tobytes()])
     return request
 
 
