@@ -7,15 +7,11 @@ code, the server keeps serving, and nothing is left registered or in /dev/shm.
 from __future__ import annotations
 
 import os
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
-import psutil
 import pytest
 from conftest import ServerProcess, owned_segments
 
@@ -24,6 +20,8 @@ from shm_client.shared._proto import edgecow_pb2, edgecow_pb2_grpc
 from shm_client.shared._proto import inference_pb2 as pb
 from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
 from shm_client.shared.segments import SHM_DIR, Segment
+from tests.support.gate import Call
+from tests.support.stubs import non_loopback_ipv4
 
 KEY_PREFIX = f"edgecow-test-{os.getpid()}-safety-"
 ONES = np.ones((1, 16), np.float32)
@@ -260,56 +258,33 @@ def test_bad_shm_references_in_infer(caller: Caller, segments: Callable[..., Seg
     caller.unregister("bad")
 
 
-def _calibrated_iterations(caller: Caller, seconds: float) -> int:
-    """Loop rounds of the slow model that take about `seconds` here (sizing only; nothing is asserted)."""
-    request = pb.ModelInferRequest(model_name="slow")
-    request.inputs.add(name="x", datatype="FP32", shape=[4])
-    request.inputs.add(name="iterations", datatype="INT64", shape=[])
-    request.raw_input_contents.extend([np.ones(4, np.float32).tobytes(), np.int64(200).tobytes()])
-    start = time.monotonic()
-    caller.infer(request)
-    per_round = max((time.monotonic() - start) / 200, 1e-6)
-    # Capped: on a loaded machine onnxruntime's loop slows by far more than the calibration run saw.
-    return int(min(max(seconds / per_round, 100), 3000))
-
-
 def test_unregister_during_inference_waits_for_the_call(
     caller: Caller, segments: Callable[..., Segment], wait_until
 ) -> None:
     x = np.arange(4096, dtype=np.float32)
-    region = segments("slow", 10 * 4096)
+    region = segments("held", 10 * 4096)
     region.write(x)
-    region.write(np.int64(_calibrated_iterations(caller, 0.5)), offset=x.nbytes)
-    caller.register("slow_in", "/" + region.key, 0, x.nbytes + 8)
-    caller.register("slow_out", "/" + region.key, 6 * 4096, 4 * 4096)  # apart from the inputs
+    region.write(np.int32([0]), offset=x.nbytes)  # the gate, shut: the call holds until it reads 1
+    caller.register("held_in", "/" + region.key, 0, x.nbytes + 4)
+    caller.register("held_out", "/" + region.key, 6 * 4096, 4 * 4096)  # apart from the inputs
 
-    request = pb.ModelInferRequest(model_name="slow")
-    _shm(request.inputs.add(name="x", datatype="FP32", shape=[x.size]).parameters, "slow_in", x.nbytes)
-    _shm(request.inputs.add(name="iterations", datatype="INT64", shape=[]).parameters, "slow_in", 8, x.nbytes)
-    _shm(request.outputs.add(name="y").parameters, "slow_out", x.nbytes)
-    request.outputs.add(name="work")
-    outcome: dict[str, object] = {}
-
-    def call() -> None:
-        try:
-            outcome["response"] = caller.infer(request, timeout=120)
-        except grpc.RpcError as err:
-            outcome["error"] = err
-
-    thread = threading.Thread(target=call)
-    thread.start()
+    request = pb.ModelInferRequest(model_name="gate")
+    _shm(request.inputs.add(name="x", datatype="FP32", shape=[x.size]).parameters, "held_in", x.nbytes)
+    _shm(request.inputs.add(name="gate", datatype="INT32", shape=[1]).parameters, "held_in", 4, x.nbytes)
+    _shm(request.outputs.add(name="y").parameters, "held_out", x.nbytes)
+    request.outputs.add(name="rounds")
+    call = Call(lambda: caller.infer(request, timeout=120))
     try:
-        assert wait_until(lambda: caller.in_flight("slow") == 1, timeout=30)
-        caller.unregister("slow_in")
-        caller.unregister("slow_out")
-        assert set(caller.regions()) == {"slow_in", "slow_out"}  # listed until the call ends, as in Triton
-        assert caller.in_flight("slow") == 1  # while the call still runs on the mapping
+        assert wait_until(lambda: caller.in_flight("gate") == 1, timeout=30)
+        caller.unregister("held_in")
+        caller.unregister("held_out")
+        assert set(caller.regions()) == {"held_in", "held_out"}  # listed until the call ends, as in Triton
+        assert caller.in_flight("gate") == 1  # while the call still runs on the mapping
     finally:
-        thread.join(120)
-    assert "error" not in outcome, outcome.get("error")
-    response = outcome["response"]
+        region.write(np.int32([1]), offset=x.nbytes)  # read through the server's mapping: the call ends
+    response = call.result(120)
     assert isinstance(response, pb.ModelInferResponse)
-    assert [o.name for o in response.outputs] == ["y", "work"]
+    assert [o.name for o in response.outputs] == ["y", "rounds"]
     assert response.raw_output_contents[0] == b""
     np.testing.assert_array_equal(region.array(np.float32, (x.size,), offset=6 * 4096), x)
     assert caller.regions() == {}
@@ -318,17 +293,9 @@ def test_unregister_during_inference_waits_for_the_call(
 # -- who may use shared memory -------------------------------------------------------------------------
 
 
-def _non_loopback_ipv4() -> str | None:
-    for addresses in psutil.net_if_addrs().values():
-        for address in addresses:
-            if address.family == socket.AF_INET and not address.address.startswith("127."):
-                return address.address
-    return None
-
-
 @pytest.fixture(scope="module")
 def outside_address() -> str:
-    address = _non_loopback_ipv4()
+    address = non_loopback_ipv4()
     if address is None:
         pytest.skip("this machine has no non-loopback IPv4 address to call from")
     return address

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,6 @@ from conftest import ServerProcess
 from reliability_helpers import (
     TEST_PREFIX,
     answers,
-    in_flight,
     make_segment,
     non_loopback_ipv4,
     our_shm_entries,
@@ -33,6 +31,7 @@ from reliability_helpers import (
 
 from edge_server.grpc_service import is_local_peer
 from shm_client.shared._proto import inference_pb2 as pb
+from tests.support.gate import Call, Gate
 
 C = grpc.StatusCode
 F32_16 = np.arange(16, dtype=np.float32).reshape(1, 16)
@@ -465,25 +464,23 @@ def test_unregister_during_inference_waits_for_the_call(
     x = np.arange(1024, dtype=np.float32)
     segment = segments("inuse", x.nbytes, x.tobytes())
     env.stub.SystemSharedMemoryRegister(register("battery-inuse", "/" + segment.key, 0, x.nbytes), timeout=10)
-    request = pb.ModelInferRequest(model_name="slow")
-    tensor = request.inputs.add(name="x", datatype="FP32", shape=[1024])
-    for key, value in shm("battery-inuse", size=x.nbytes, offset=0).items():
-        _set_param(tensor.parameters[key], value)
-    request.inputs.add(name="iterations", datatype="INT64", shape=[])
-    request.raw_input_contents.append(np.array(15000, np.int64).tobytes())  # ~0.6 s
-    result: dict[str, Any] = {}
-    thread = threading.Thread(target=lambda: result.update(reply=env.stub.ModelInfer(request, timeout=60)))
-    thread.start()
-    try:
-        assert wait_until(lambda: in_flight(env.server.unix_target, "slow") == 1, interval=0.01)
-        env.stub.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(name="battery-inuse"),
-                                              timeout=10)
-        listed = "battery-inuse" in registered_names(env.stub)
-        # Listed until the call ends, as in Triton: a call still running after the look was running during it.
-        assert listed or in_flight(env.server.unix_target, "slow") == 0
-    finally:
-        thread.join(60)
-    y = np.frombuffer(result["reply"].raw_output_contents[0], np.float32)
+    with Gate(env.server.unix_target) as gate:
+        request = pb.ModelInferRequest(model_name="gate")
+        tensor = request.inputs.add(name="x", datatype="FP32", shape=[1024])
+        for key, value in shm("battery-inuse", size=x.nbytes, offset=0).items():
+            _set_param(tensor.parameters[key], value)
+        call = Call(lambda: env.stub.ModelInfer(gate.add_input(request), timeout=60))
+        try:
+            assert wait_until(lambda: gate.in_flight() == 1, interval=0.01)
+            env.stub.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(name="battery-inuse"),
+                                                  timeout=10)
+            # Listed until the call ends, as in Triton (the shut gate holds the call: it is still running).
+            assert "battery-inuse" in registered_names(env.stub)
+            assert gate.in_flight() == 1
+        finally:
+            gate.open()
+        reply = call.result(60)
+    y = np.frombuffer(reply.raw_output_contents[0], np.float32)
     np.testing.assert_array_equal(y, x)
     assert "battery-inuse" not in registered_names(env.stub)
 
