@@ -19,28 +19,19 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, ServerProcess, owned_segments
-from reliability_helpers import SHM_DIR, in_flight, our_shm_entries, registered_names, v2_stub
 
 from shm_client import EdgeClient
 from shm_client.shared._proto import inference_pb2 as pb
+from shm_client.shared.segments import SHM_DIR
+from tests.support.gate import inline_gate_request
+from tests.support.processes import REPO_ROOT, ServerProcess
+from tests.support.shm import our_shm_entries, owned_by, owned_segments
+from tests.support.stubs import in_flight, registered_names, v2_stub
 
 
 def python(code: str, *args: str, **kwargs: Any) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], cwd=REPO_ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
-
-
-def owned_by(pid: int, names: set[str]) -> set[str]:
-    return {name for name in names if name.startswith((f"edgecow-cli-{pid}-", f"edgecow-srv-{pid}-"))}
-
-
-def slow_request(iterations: int, x: np.ndarray) -> pb.ModelInferRequest:
-    request = pb.ModelInferRequest(model_name="slow")
-    request.inputs.add(name="x", datatype="FP32", shape=x.shape)
-    request.inputs.add(name="iterations", datatype="INT64", shape=[])
-    request.raw_input_contents.extend([x.tobytes(), np.array(iterations, np.int64).tobytes()])
-    return request
 
 
 def test_client_killed_mid_call_leaves_no_registration_or_segment(
@@ -52,17 +43,17 @@ def test_client_killed_mid_call_leaves_no_registration_or_segment(
         from shm_client import EdgeClient
         client = EdgeClient(sys.argv[1], transport="shm")
         x = np.arange(4096, dtype=np.float32)
-        while True:
-            y = client.infer("slow", {"x": x, "iterations": np.array(3000, np.int64)})["y"]
+        for gate in (1, 1, 0):  # the third call's gate never opens: it runs until its caller dies
+            y = client.infer("gate", {"x": x, "gate": np.array([gate], np.int32)})["y"]
             assert (y == x).all()
             print("call", flush=True)
     """, server.unix_target)
     try:
-        # Two calls done (so outputs go to shm too), then catch it inside a third.
+        # Two calls done (so outputs go to shm too), then catch it inside the third.
         assert child.stdout is not None
         for _ in range(2):
             assert child.stdout.readline().startswith("call"), child.stderr.read() if child.stderr else ""
-        assert wait_until(lambda: in_flight(server.unix_target, "slow") == 1, interval=0.005)
+        assert wait_until(lambda: in_flight(server.unix_target, "gate") == 1, timeout=30)
         assert owned_by(child.pid, registered_names(stub))
         assert owned_by(child.pid, our_shm_entries({child.pid}))
         child.send_signal(signal.SIGKILL)
@@ -74,9 +65,10 @@ def test_client_killed_mid_call_leaves_no_registration_or_segment(
     # The server reaps every 2 s: registrations of a dead client's segments go, and so do the segments.
     assert wait_until(lambda: not owned_by(child.pid, registered_names(stub)), timeout=10)
     assert wait_until(lambda: not owned_by(child.pid, our_shm_entries({child.pid})), timeout=10)
-    assert in_flight(server.unix_target, "slow") == 0
+    assert in_flight(server.unix_target, "gate") == 0
     x = np.ones(8, np.float32)
-    assert np.frombuffer(stub.ModelInfer(slow_request(1, x), timeout=10).raw_output_contents[0], np.float32).sum() == 8
+    reply = stub.ModelInfer(inline_gate_request(x, 1), timeout=10)
+    assert np.frombuffer(reply.raw_output_contents[0], np.float32).sum() == 8
     assert server.alive()
 
 
