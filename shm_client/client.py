@@ -187,8 +187,9 @@ class EdgeClient:
         return [{"name": m.name, "version": m.version, "state": m.state, "reason": m.reason} for m in index.models]
 
     def metadata(self, model: str, version: str | int | None = None) -> dict[str, Any]:
-        """Inputs and outputs of a model: {"name", "versions", "platform", "inputs": [...], "outputs": [...]}."""
-        meta = self._model_metadata(model, "" if version is None else str(version))
+        """Inputs and outputs of a model: {"name", "versions", "platform", "inputs": [...], "outputs": [...]},
+        asked of the server each time (what infer() keeps of it is brought up to date too)."""
+        meta = self._model_metadata(model, "" if version is None else str(version), fresh=True)
 
         def tensors(items: Iterable[pb.ModelMetadataResponse.TensorMetadata]) -> list[dict[str, Any]]:
             return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in items]
@@ -201,13 +202,20 @@ class EdgeClient:
             "outputs": tensors(meta.outputs),
         }
 
-    def _model_metadata(self, model: str, version: str) -> pb.ModelMetadataResponse:
+    def _model_metadata(self, model: str, version: str, fresh: bool = False) -> pb.ModelMetadataResponse:
+        """ModelMetadata of `model` at `version` ("" = its default), from the cache unless `fresh`."""
         key = (model, version)
-        meta = self._metadata.get(key)
+        meta = None if fresh else self._metadata.get(key)
         if meta is None:
             meta = self._call(self._stub.ModelMetadata, pb.ModelMetadataRequest(name=model, version=version))
             self._metadata[key] = meta
         return meta
+
+    def _forget_model(self, model: str) -> None:
+        """Another version of `model` answers now: what this client learned about it is stale."""
+        for key in [key for key in list(self._metadata) if key[0] == model]:
+            self._metadata.pop(key, None)
+        self._session.forget_sizes(model)
 
     def status(self) -> edgecow_pb2.GetStatusResponse:
         """The server's edgecow status: models, providers, regions, process and system figures."""
@@ -252,14 +260,9 @@ class EdgeClient:
         arrays = {name: _as_array(name, value) for name, value in inputs.items()}
         version = "" if version is None else str(version)
         if self.transport == "shm":
-            # Outside the fallback below: an unknown model or version is the caller's error, not a
-            # shared-memory failure, and must not be retried over gRPC with a misleading warning.
-            meta = self._model_metadata(model, version)
             try:
-                results = self._session.infer(
-                    self._request(model, version, arrays), arrays, meta, outputs,
-                    timeout if timeout is not None else self.timeout,
-                )
+                results = self._infer_shm(model, version, arrays, outputs,
+                                          timeout if timeout is not None else self.timeout)
                 return ZeroCopyResult(results) if zero_copy else results
             except ShmFailure as failure:
                 if not self._warned:
@@ -267,6 +270,43 @@ class EdgeClient:
                     log.warning("shared memory failed (%s); this call and later failures go over gRPC", failure)
         results = self._infer_grpc(model, version, arrays, outputs, timeout)
         return ZeroCopyResult(results) if zero_copy else results
+
+    def _infer_shm(
+        self,
+        model: str,
+        version: str,
+        arrays: Mapping[str, np.ndarray],
+        outputs: Sequence[str] | None,
+        timeout: float | None,
+    ) -> dict[str, np.ndarray]:
+        """One call over shared memory, its output slots sized from the cached metadata.
+
+        The model may have been swapped since that was fetched (a hot swap to a version with larger,
+        renamed or more outputs): an answer from another version than the one expected drops what was
+        cached, and a call refused while the metadata has changed meanwhile is made again with the new one.
+        """
+        # Outside the caller's fallback: an unknown model or version is the caller's error, not a
+        # shared-memory failure, and must not be retried over gRPC with a misleading warning.
+        meta = self._model_metadata(model, version)
+        try:
+            results, answered = self._session.infer(
+                self._request(model, version, arrays), arrays, meta, outputs, timeout
+            )
+        except EdgecowError as err:
+            if err.code != grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            fresh = self._model_metadata(model, version, fresh=True)
+            if fresh == meta:
+                raise  # the request is wrong, not what this client knew of the model
+            self._session.forget_sizes(model)
+            meta = fresh
+            results, answered = self._session.infer(
+                self._request(model, version, arrays), arrays, meta, outputs, timeout
+            )
+        expected = _expected_version(meta, version)
+        if answered and expected and answered != expected:
+            self._forget_model(model)
+        return results
 
     def _request(self, model: str, version: str, arrays: Mapping[str, np.ndarray]) -> pb.ModelInferRequest:
         request = pb.ModelInferRequest(model_name=model, model_version=version)
@@ -288,6 +328,15 @@ class EdgeClient:
             request.outputs.add(name=name)
         response, raw = self._call(self._model_infer, (request, [_to_raw(a) for a in arrays.values()]), timeout)
         return {tensor.name: from_raw(tensor, raw[i]) for i, tensor in enumerate(response.outputs)}
+
+def _expected_version(meta: pb.ModelMetadataResponse, version: str) -> str:
+    """The version that answers a call for `version`: that one, or by default the highest one the
+    metadata lists ("" when it lists none)."""
+    if version:
+        return version
+    numbers = [int(v) for v in meta.versions if v.isascii() and v.isdigit()]
+    return str(max(numbers)) if numbers else ""
+
 
 def _as_array(name: str, value: npt.ArrayLike) -> np.ndarray:
     array = np.asarray(value)

@@ -2,7 +2,7 @@
 
     session = ShmSession(stubs)                       # EdgeClient makes one; users never touch it
     proven, reason = session.prove()
-    outputs = session.infer(request, arrays, meta, outputs=None, timeout=None)
+    outputs, version = session.infer(request, arrays, meta, outputs=None, timeout=None)
 
 Inputs are written into pooled segments (or read where they are, when empty() made them); outputs come back
 as arrays that own the segment the server wrote: the segment returns to the pool when the array and every
@@ -180,11 +180,12 @@ class ShmSession:
         meta: pb.ModelMetadataResponse,
         outputs: Sequence[str] | None,
         timeout: float | None,
-    ) -> dict[str, np.ndarray]:
-        """Run `request` (inputs named, not yet placed) with its tensors in shared memory.
+    ) -> tuple[dict[str, np.ndarray], str]:
+        """Run `request` (inputs named, not yet placed) with its tensors in shared memory; the arrays and
+        the model version that answered.
 
         Raises ShmFailure when shared memory does not work for this call (the caller repeats it over
-        gRPC), EdgecowError for the caller's own errors.
+        gRPC), EdgecowError for the caller's own errors (or for output slots sized from stale metadata).
         """
         lease = _Lease(self._pool)
         try:
@@ -210,9 +211,14 @@ class ShmSession:
                         self._sizes.pop(learned, None)
                     raise ShmFailure(err.message) from None
                 raise
-            return self._collect(response, raw, placed, lease, key, shapes)
+            return self._collect(response, raw, placed, lease, key, shapes), response.model_version
         finally:
             lease.release()
+
+    def forget_sizes(self, model: str) -> None:
+        """Drop the output sizes learned for `model`: another version of it answers now."""
+        with self._lock:
+            self._sizes = {key: size for key, size in self._sizes.items() if key[0] != model}
 
     def _place_inputs(self, request: pb.ModelInferRequest, arrays: Mapping[str, np.ndarray], lease: _Lease) -> None:
         for tensor, array in zip(request.inputs, arrays.values()):
