@@ -191,14 +191,14 @@ def test_a_lane_caller_killed_mid_call_has_its_call_cancelled(lane_server: Serve
     with owned_segments(PREFIX) as make:
         segment = make("inputs", 4096)
         segment.write(np.ones(4, np.float32).tobytes())
-        segment.write(np.array(2**40, np.int64).tobytes(), offset=64)  # about a day of work
+        segment.write(np.zeros(1, np.int32).tobytes(), offset=64)  # a gate nobody opens
         stub.SystemSharedMemoryRegister(
             pb.SystemSharedMemoryRegisterRequest(name="lane-dying", key="/" + segment.key, byte_size=4096),
             timeout=10,
         )
-        request = pb.ModelInferRequest(model_name="slow")
+        request = pb.ModelInferRequest(model_name="gate")
         _shm_input(request, "x", "FP32", [4], 0, 16)
-        _shm_input(request, "iterations", "INT64", [], 64, 8)
+        _shm_input(request, "gate", "INT32", [1], 64, 4)
         caller = subprocess.Popen(
             [sys.executable, "-c", DYING_CALLER, str(lane_path(lane_server))],
             stdin=subprocess.PIPE, cwd=REPO_ROOT,
@@ -207,12 +207,12 @@ def test_a_lane_caller_killed_mid_call_has_its_call_cancelled(lane_server: Serve
             assert caller.stdin is not None
             caller.stdin.write(request.SerializeToString())
             caller.stdin.close()
-            assert wait_until(lambda: in_flight(lane_server.unix_target, "slow") == 1, timeout=30), (
+            assert wait_until(lambda: in_flight(lane_server.unix_target, "gate") == 1, timeout=30), (
                 "the call never started"
             )
             caller.kill()
             caller.wait(10)
-            assert wait_until(lambda: in_flight(lane_server.unix_target, "slow") == 0, timeout=15), (
+            assert wait_until(lambda: in_flight(lane_server.unix_target, "gate") == 0, timeout=15), (
                 "the run went on after its caller died"
             )
         finally:

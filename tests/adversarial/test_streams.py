@@ -13,7 +13,7 @@ from conftest import ServerProcess
 from transport_helpers import IdleStream, Notify, in_flight, live, scale_answers, v2_stub
 
 from edge_server.config import ConfigError, load_settings
-from shm_client.shared._proto import inference_pb2 as pb
+from tests.support.gate import inline_gate_request
 
 WORKERS = 8
 
@@ -61,15 +61,12 @@ def test_idle_streams_leave_health_unary_calls_and_the_watchdog_alone(
 
 def test_a_stream_caller_that_goes_away_cancels_its_call(server: ServerProcess, wait_until) -> None:
     stub = v2_stub(server.unix_target)
-    request = pb.ModelInferRequest(model_name="slow")
-    request.inputs.add(name="x", datatype="FP32", shape=[4])
-    request.inputs.add(name="iterations", datatype="INT64", shape=[])
-    request.raw_input_contents.extend([np.ones(4, np.float32).tobytes(), np.array(2**40, np.int64).tobytes()])
+    request = inline_gate_request(np.ones(4, np.float32), 0)  # never opens: only a cancel ends the call
     call = stub.ModelStreamInfer(iter([request]), timeout=120)
     try:
-        assert wait_until(lambda: in_flight(server.unix_target, "slow") == 1, timeout=30), "the call never started"
+        assert wait_until(lambda: in_flight(server.unix_target, "gate") == 1, timeout=30), "the call never started"
         call.cancel()
-        assert wait_until(lambda: in_flight(server.unix_target, "slow") == 0, timeout=15), "the run kept going"
+        assert wait_until(lambda: in_flight(server.unix_target, "gate") == 0, timeout=15), "the run kept going"
     finally:
         call.cancel()
     assert scale_answers(stub)

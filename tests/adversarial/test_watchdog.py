@@ -14,6 +14,7 @@ from transport_helpers import Notify, live, scale_answers, v2_stub
 from shm_client import EdgeClient
 from shm_client.shared._proto import inference_pb2 as pb
 from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
+from tests.support.gate import inline_gate_request
 
 WATCHDOG_USEC = 400_000  # a ping every 0.2 s while the check passes
 
@@ -36,15 +37,6 @@ def test_watchdog_pings_with_tls_on_tcp_and_no_unix_socket(model_repo, tmp_path)
         notify.close()
 
 
-def _slow_request() -> pb.ModelInferRequest:
-    request = pb.ModelInferRequest(model_name="slow")
-    request.inputs.add(name="x", datatype="FP32", shape=[4])
-    request.inputs.add(name="iterations", datatype="INT64", shape=[])
-    # About a day of work: the call ends only when its caller cancels it.
-    request.raw_input_contents.extend([np.ones(4, np.float32).tobytes(), np.array(2**40, np.int64).tobytes()])
-    return request
-
-
 def _busy(stub: pb_grpc.GRPCInferenceServiceStub) -> bool:
     try:
         stub.ServerLive(pb.ServerLiveRequest(), timeout=0.5)
@@ -62,7 +54,9 @@ def test_watchdog_pings_while_every_worker_runs_a_long_call(model_repo, tmp_path
     ).start()
     unix = v2_stub(server.unix_target)
     # One call runs (one core), the others wait for the model: every worker is taken, none burns CPU.
-    calls = [v2_stub(server.tcp_target).ModelInfer.future(_slow_request(), timeout=120) for _ in range(workers)]
+    # Their gate never opens: the calls end only when they are cancelled.
+    endless = inline_gate_request(np.ones(4, np.float32), 0)
+    calls = [v2_stub(server.tcp_target).ModelInfer.future(endless, timeout=120) for _ in range(workers)]
     try:
         assert wait_until(lambda: _busy(unix), timeout=30), "the calls never took every worker"
         assert notify.wait_for_pings(3), "the watchdog stopped pinging a server whose workers are all busy"

@@ -205,7 +205,7 @@ def test_repository_index_lists_every_model_as_ready(client: triton.InferenceSer
     states = {(m.name, m.version): m.state for m in index.models}
     assert states[("scale", "2")] == "READY"
     assert states[("strings", "1")] == "READY"
-    assert {m.name for m in index.models} >= {"add_sub", "mixed", "slow", "static", "identity_float16"}
+    assert {m.name for m in index.models} >= {"add_sub", "mixed", "gate", "static", "identity_float16"}
     assert all(m.state == "READY" for m in index.models)
 
 

@@ -23,7 +23,7 @@ from shm_client.shared.datatypes import DATATYPES
 REGION = "fuzz-region"
 REGION_BYTES = 1 << 16
 SERVER_FAULTS = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
-# Not "slow": a random iteration count would hold a worker for hours, which is the model working as made.
+# Not "gate": a gate of 0 holds a worker until the call is cancelled, which is the model working as made.
 MODELS = ["scale", "add_sub", "add_sub_int32", "mixed", "strings", "static", "identity_float", "identity_float16",
           "identity_bool", "identity_string", "identity_uint8", "identity_int64", "identity_uint64", "nope", ""]
 NAMES = ["x", "a", "b", "text", "features", "ids", "mask", "y", "sum", "diff", "echo", "count", "total"]

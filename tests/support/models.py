@@ -112,51 +112,6 @@ def string_model() -> onnx.ModelProto:
     return onnx_model(graph)
 
 
-def slow_model(size: int = 192) -> onnx.ModelProto:
-    """y = x after `iterations` (an INT64 scalar input) rounds of a size-by-size MatMul.
-
-    The run time grows with `iterations`, so a test can hold a call in flight for as long as it needs.
-    Output `y` is `x` unchanged; `work` carries the loop's result so onnxruntime cannot skip it.
-    """
-    w = helper.make_tensor("w", TensorProto.FLOAT, [size, size], np.eye(size, dtype=np.float32).reshape(-1))
-    body = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["acc_in", "w"], ["acc_out"]),
-            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
-        ],
-        "body",
-        [
-            helper.make_tensor_value_info("i", TensorProto.INT64, []),
-            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, [size, size]),
-        ],
-        [
-            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [size, size]),
-        ],
-    )
-    start = helper.make_tensor("start", TensorProto.FLOAT, [size, size], np.ones(size * size, dtype=np.float32))
-    true = helper.make_tensor("true", TensorProto.BOOL, [], [True])
-    graph = helper.make_graph(
-        [
-            helper.make_node("Loop", ["iterations", "true", "start"], ["work_full"], body=body),
-            helper.make_node("ReduceMax", ["work_full"], ["work"], keepdims=0),
-            helper.make_node("Identity", ["x"], ["y"]),
-        ],
-        "slow",
-        [
-            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"]),
-            helper.make_tensor_value_info("iterations", TensorProto.INT64, []),
-        ],
-        [
-            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"]),
-            helper.make_tensor_value_info("work", TensorProto.FLOAT, []),
-        ],
-        initializer=[w, start, true],
-    )
-    return onnx_model(graph)
-
-
 GATE_MAX_ROUNDS = 2**31 - 1  # minutes of rounds even on a fast CPU: a shut gate is a call that never ends
 
 
@@ -395,7 +350,6 @@ def build_repository(root: Path) -> Path:
     write_model(root, "add_sub_int32", 1, add_sub_model(TensorProto.INT32))
     write_model(root, "mixed", 1, mixed_model())
     write_model(root, "strings", 1, string_model())
-    write_model(root, "slow", 1, slow_model())
     write_model(root, "gate", 1, gate_model())
     for dtype in ("FLOAT", "DOUBLE", "FLOAT16", "BOOL", "INT8", "INT16", "INT32", "INT64",
                   "UINT8", "UINT16", "UINT32", "UINT64", "STRING"):
