@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from shm_client.shared.errors import (
 
 from .admission import Admission
 from .config import Settings
+from .deadlines import Alarms
 from .messages import INT64_MAX, InferRequest, InferResponse, InputTensor, OutputTensor, RequestedOutput
 from .regions import Region, RegionRegistry
 from .repository import ModelStore
@@ -58,6 +58,7 @@ class DataPlane:
         self.settings = settings
         self.admission = Admission(settings)
         self.statistics = StatisticsBook()
+        self._alarms = Alarms()
 
     # -- inference -------------------------------------------------------------------------------------
     def infer(self, request: InferRequest, local: bool) -> InferResponse:
@@ -122,19 +123,16 @@ class DataPlane:
         if request.cancellation is not None:
             # A caller that went away (killed, or gave up) frees its model slot and regions at once.
             request.cancellation.on_cancel(lambda: setattr(options, "terminate", True))
-        timer = None
+        alarm = None
         if request.deadline is not None:
-            remaining = request.deadline - time.monotonic()
-            if remaining <= 0:
+            if request.deadline <= time.monotonic():
                 raise DeadlineExceeded("the call's deadline passed before the model ran")
-            timer = threading.Timer(remaining, lambda: setattr(options, "terminate", True))
-            timer.daemon = True
-            timer.start()
+            alarm = self._alarms.at(request.deadline, lambda: setattr(options, "terminate", True))
         try:
             return model.run(feeds, names, out_buffers, options)
         finally:
-            if timer is not None:
-                timer.cancel()
+            if alarm is not None:
+                self._alarms.cancel(alarm)
             if request.cancellation is not None:
                 request.cancellation.clear()
 
