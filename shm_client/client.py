@@ -12,6 +12,7 @@ once. Segments are pooled and reused, and removed on close() and at interpreter 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -234,7 +235,7 @@ class EdgeClient:
         if dtype.kind == "O":
             raise InvalidArgument("BYTES tensors cannot be preallocated; pass them to infer() directly")
         datatypes.from_numpy(dtype)
-        if int(np.prod(shape, dtype=np.int64)) == 0 or self.transport != "shm":
+        if math.prod(shape) == 0 or self.transport != "shm":
             return np.empty(shape, dtype)
         return self._session.empty(shape, dtype)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import secrets
 import threading
 import weakref
@@ -139,12 +140,12 @@ class ShmSession:
     # -- arrays in shared memory -----------------------------------------------------------------------
     def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """An uninitialised array in a pooled segment that returns to the pool when no view is left."""
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         return self._adopt(self._pool.acquire(nbytes), dtype, shape)
 
     def _adopt(self, segment: Segment, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
         """An array over the start of `segment` that owns it: the caller's until no view is left."""
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         # Views of the returned array keep `owner` alive (numpy points every view at it), so the
         # segment goes back to the pool only once no view of it is left.
         owner = np.frombuffer(segment.buffer, dtype=np.uint8, count=nbytes)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import grp
+import math
 import mmap
 import os
 import re
@@ -183,7 +184,7 @@ class Segment:
     def array(self, dtype: np.dtype | type, shape: tuple[int, ...], offset: int = 0) -> np.ndarray:
         """A numpy view (no copy) of `shape` elements of `dtype` starting `offset` bytes in."""
         dtype = np.dtype(dtype)
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        count = math.prod(shape)
         return np.frombuffer(self.buffer, dtype=dtype, count=count, offset=offset).reshape(shape)
 
     def bytes_view(self, offset: int, size: int) -> memoryview:
