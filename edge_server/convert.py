@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 
 from shm_client.shared import datatypes, wire
 from shm_client.shared._proto import inference_pb2 as pb
-from shm_client.shared.errors import InvalidArgument, Unimplemented
+from shm_client.shared.errors import InvalidArgument
 
 from .messages import INT64_MAX, Contents, InferRequest, InferResponse, InputTensor, RequestedOutput, ShmRef
 
@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # the runtime imports onnxruntime; this module only reads a s
 SHM_REGION = "shared_memory_region"
 SHM_OFFSET = "shared_memory_offset"
 SHM_SIZE = "shared_memory_byte_size"
+CLASSIFICATION = "classification"
 
 
 def _param_value(param: pb.InferParameter) -> object:
@@ -148,13 +149,32 @@ def to_infer_request(
         raise InvalidArgument(
             f"the request has {len(raw)} raw_input_contents entries for {raw_users} inputs that need one"
         )
-    for output in request.outputs:
-        if "classification" in output.parameters:  # silently returning the raw tensor would mislead
-            raise Unimplemented(f"output {output.name!r} asks for classification, which edgecow does not do")
-    outputs = [
-        RequestedOutput(o.name, to_shm_ref(o.parameters, f"output {o.name!r}")) for o in request.outputs
-    ]
+    outputs = [to_requested_output(output) for output in request.outputs]
     return InferRequest(request.model_name, request.model_version, request.id, inputs, outputs, deadline)
+
+
+def to_requested_output(output: pb.ModelInferRequest.InferRequestedOutputTensor) -> RequestedOutput:
+    """An output's shared-memory slot or classification count (Triton refuses both at once: the strings
+    come back in the response)."""
+    what = f"output {output.name!r}"
+    shm = to_shm_ref(output.parameters, what)
+    count = to_class_count(output.parameters, what)
+    if shm is not None and count:
+        raise InvalidArgument(
+            f"{what} asks for both shared_memory_region and classification; classification results come back in "
+            "the response, so drop one of the two"
+        )
+    return RequestedOutput(output.name, shm, count)
+
+
+def to_class_count(params: Mapping[str, pb.InferParameter], what: str) -> int:
+    """The `classification` parameter (how many top classes to return), 0 when absent."""
+    if CLASSIFICATION not in params:
+        return 0
+    count = _int_param(params[CLASSIFICATION], f"{what}: classification")
+    if count < 1:
+        raise InvalidArgument(f"{what}: classification must be at least 1 (the number of top classes to return)")
+    return count
 
 
 def deadline_for(request: pb.ModelInferRequest, transport_remaining: float | None = None) -> float | None:

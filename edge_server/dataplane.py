@@ -30,6 +30,8 @@ from shm_client.shared.errors import (
 )
 
 from .admission import Admission
+from .batching import batch_size, check_batch_size
+from .classification import check_classifiable, classify
 from .config import Settings
 from .deadlines import Alarms
 from .messages import INT64_MAX, InferRequest, InferResponse, InputTensor, OutputTensor, RequestedOutput
@@ -74,7 +76,9 @@ class DataPlane:
             except EdgecowError:
                 self.statistics.failure(stats, time.monotonic_ns() - start)
                 raise
-            self.statistics.success(stats, queued - start, timings, time.monotonic_ns() - start)
+            self.statistics.success(
+                stats, queued - start, timings, time.monotonic_ns() - start, batch_size(model, request.inputs)
+            )
             return response
 
     def _run(
@@ -97,6 +101,7 @@ class DataPlane:
             # Names first: a request can list any number of tensors, but once each must be one of the model's,
             # at most one per model input and output is left for the region and pairwise work below.
             _check_input_names(model, request.inputs)
+            check_batch_size(model, request.inputs)
             wanted = self._wanted_outputs(model, request.outputs)
             _check_deadline(request, "before its tensors were read")
             _check_no_overlap(request, region)
@@ -105,7 +110,11 @@ class DataPlane:
             t1 = time.monotonic_ns()
             results = self._execute(model, feeds, [o.name for o in wanted], out_buffers, request)
             t2 = time.monotonic_ns()
-            outputs = [self._place(model.spec(o.name), o, results[o.name], out_buffers, region) for o in wanted]
+            outputs = [
+                _classified(model, o, results[o.name]) if o.classification
+                else self._place(model.spec(o.name), o, results[o.name], out_buffers, region)
+                for o in wanted
+            ]
             del feeds, results, out_buffers
         t3 = time.monotonic_ns()
         response = InferResponse(model.name, str(model.version), request.id, outputs)
@@ -241,11 +250,15 @@ class DataPlane:
         seen = set()
         for output in requested:
             spec = model.spec(output.name)
+            if output.name in model.unserved_outputs:
+                raise _unserved(model, output.name)
             if spec is None or spec not in model.outputs:
                 known = ", ".join(s.name for s in model.outputs)
                 raise InvalidArgument(
                     f"model {model.name!r} has no output {output.name!r}; its outputs are: {known}"
                 )
+            if output.classification:
+                check_classifiable(spec.datatype, f"output {output.name!r}")
             if output.name in seen:
                 raise InvalidArgument(f"output {output.name!r} is requested more than once")
             seen.add(output.name)
@@ -336,6 +349,25 @@ def _decode_bytes(buffer: bytes | memoryview, count: int, what: str) -> np.ndarr
         return datatypes.decode_bytes(buffer, count)
     except InvalidArgument as err:
         raise InvalidArgument(f"{what}: {err.message}") from None
+
+
+def _unserved(model: ModelRuntime, name: str) -> InvalidArgument:
+    """The error for a request of an output the v2 protocol cannot carry (a sequence, map or optional)."""
+    kind = model.unserved_outputs[name]
+    served = ", ".join(spec.name for spec in model.outputs) or "none"
+    # skl2onnx's classifiers end in a ZipMap (a sequence of maps) unless converted without it.
+    hint = (" (skl2onnx writes probabilities as a ZipMap; convert with options={id(model): {'zipmap': False}} "
+            "to get them as a tensor)") if kind.startswith("seq(map(") else ""
+    return InvalidArgument(
+        f"output {name!r} of model {model.name!r} is {kind}, not a tensor, so the v2 protocol cannot carry it"
+        f"{hint}; request its tensor outputs instead: {served}"
+    )
+
+
+def _classified(model: ModelRuntime, output: RequestedOutput, value: np.ndarray) -> OutputTensor:
+    """The top `output.classification` entries of `value` as BYTES (see classification.py)."""
+    result = classify(value, output.classification, model.max_batch_size > 0, model.labels_of(output.name))
+    return OutputTensor(output.name, "BYTES", tuple(result.shape), result)
 
 
 def _check_input_names(model: ModelRuntime, inputs: list[InputTensor]) -> None:

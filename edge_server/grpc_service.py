@@ -34,6 +34,7 @@ from shm_client.shared.errors import (
 )
 
 from . import convert, status
+from .batching import config_dims
 from .config import Settings
 from .dataplane import DataPlane
 from .messages import Cancellation
@@ -189,7 +190,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @handled
     def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.ServicerContext) -> pb.ModelConfigResponse:
         model = self.state.store.get(request.name, request.version)
-        config = pb.ModelConfig(name=model.name, platform="onnxruntime_onnx", backend="onnxruntime")
+        config = pb.ModelConfig(
+            name=model.name, platform="onnxruntime_onnx", backend="onnxruntime", max_batch_size=model.max_batch_size
+        )
         policy = self.state.store.repository.config(model.name).version_policy
         if policy.kind == "all":
             config.version_policy.all.SetInParent()
@@ -199,10 +202,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             config.version_policy.latest.num_versions = policy.count
         for spec in model.inputs:
             config.input.add(
-                name=spec.name, data_type=spec.datatype.config_enum, dims=spec.shape, optional=spec.optional
+                name=spec.name, data_type=spec.datatype.config_enum, dims=config_dims(model, spec),
+                optional=spec.optional,
             )
         for spec in model.outputs:
-            config.output.add(name=spec.name, data_type=spec.datatype.config_enum, dims=spec.shape)
+            config.output.add(name=spec.name, data_type=spec.datatype.config_enum, dims=config_dims(model, spec))
         return pb.ModelConfigResponse(config=config)
 
     @handled

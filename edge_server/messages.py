@@ -50,6 +50,7 @@ class InputTensor:
 class RequestedOutput:
     name: str
     shm: ShmRef | None = None
+    classification: int = 0  # > 0: the top this many entries as "score:index[:label]" BYTES instead
 
 
 class Cancellation:

@@ -17,11 +17,12 @@ import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from shm_client.shared.errors import EdgecowError, InvalidArgument, NotFound, Unavailable
 
+from .batching import MAX_BATCH_SIZE_LIMIT
 from .config import ConfigError, Settings, read_toml
 from .external_data import external_files
 
@@ -70,9 +71,16 @@ class ModelConfigFile:
     version_policy: VersionPolicy = VersionPolicy()
     warmup: bool = False
     require_gpu: bool | None = None
+    max_batch_size: int | None = None  # None: detected from the model's shapes
+    labels: tuple[tuple[str, str], ...] = ()  # (output, file); output "" is every output
+    custom_op_libraries: tuple[str, ...] = ()
+    onnxruntime_extensions: bool | None = None  # None: when the model imports ai.onnx.contrib
 
 
-_CONFIG_KEYS = {"providers", "intra_op_threads", "inter_op_threads", "version_policy", "warmup", "require_gpu"}
+_CONFIG_KEYS = {
+    "providers", "intra_op_threads", "inter_op_threads", "version_policy", "warmup", "require_gpu",
+    "max_batch_size", "labels", "custom_op_libraries", "onnxruntime_extensions",
+}
 
 
 def _policy(value: Any, path: Path) -> VersionPolicy:
@@ -118,7 +126,54 @@ def parse_model_config(path: Path, label: str | None = None) -> ModelConfigFile:
             kwargs[key] = data[key]
     if "version_policy" in data:
         kwargs["version_policy"] = _policy(data["version_policy"], path)
+    kwargs.update(_extension_keys(data, path))
     return ModelConfigFile(**kwargs)
+
+
+def _extension_keys(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Batching, classification labels and custom operators (each optional)."""
+    kwargs: dict[str, Any] = {}
+    if "max_batch_size" in data:
+        value = data["max_batch_size"]
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_BATCH_SIZE_LIMIT:
+            raise ConfigError(f"{path}: max_batch_size must be an integer from 0 (no batching) to "
+                              f"{MAX_BATCH_SIZE_LIMIT}, not {value!r}")
+        kwargs["max_batch_size"] = value
+    if "labels" in data:
+        value = data["labels"]
+        if isinstance(value, str):
+            kwargs["labels"] = (("", _model_file(value, "labels", path)),)
+        elif isinstance(value, dict) and value and all(isinstance(v, str) for v in value.values()):
+            kwargs["labels"] = tuple((output, _model_file(file, "labels", path)) for output, file in value.items())
+        else:
+            raise ConfigError(f"{path}: labels must be a file name such as \"labels.txt\" or a table of output "
+                              f"names to file names such as {{ probabilities = \"labels.txt\" }}, not {value!r}")
+    if "custom_op_libraries" in data:
+        value = data["custom_op_libraries"]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{path}: custom_op_libraries must be a list of file names such as [\"libmyops.so\"]")
+        kwargs["custom_op_libraries"] = tuple(_model_file(v, "custom_op_libraries", path) for v in value)
+    if "onnxruntime_extensions" in data:
+        if not isinstance(data["onnxruntime_extensions"], bool):
+            raise ConfigError(f"{path}: onnxruntime_extensions must be true or false (leave it out to decide by the "
+                              "model's operators)")
+        kwargs["onnxruntime_extensions"] = data["onnxruntime_extensions"]
+    return kwargs
+
+
+def _model_file(name: str, key: str, path: Path) -> str:
+    """`name` as config.toml gave it, once it is known to stay inside the model's directory: relative,
+    and no '..' that climbs out of it (a symlink placed there may point anywhere: its owner put it there)."""
+    parts = PurePosixPath(name).parts
+    depth = 0
+    for part in parts:
+        depth += -1 if part == ".." else 0 if part == "." else 1
+        if depth < 0:
+            break
+    if not name or "\0" in name or PurePosixPath(name).is_absolute() or depth <= 0:
+        raise ConfigError(f"{path}: {key} names {name!r}, which is not a file inside the model's directory; give a "
+                          "path relative to the directory that holds config.toml, without '..' out of it")
+    return name
 
 
 class Repository:
@@ -374,7 +429,9 @@ class ModelStore:
             try:
                 self.load(name)
             except EdgecowError as err:
-                log.error("%s", err)
+                entry = self._entries.get(name)
+                if entry is None or not (entry.error or entry.failures):  # _sync has logged those already
+                    log.error("%s", err)
 
     def load(self, name: str) -> None:
         """(Re)load `name` from disk per its version policy; raises when nothing could be loaded."""
@@ -497,6 +554,11 @@ def _default_loader(
         inter_op_threads=config.inter_op_threads or 0,
         require_gpu=settings.require_gpu if config.require_gpu is None else config.require_gpu,
         warmup=config.warmup,
+        model_dir=path.parent.parent,  # <root>/<name>, where config.toml's file names are found
+        max_batch_size=config.max_batch_size,
+        labels=config.labels,
+        custom_op_libraries=config.custom_op_libraries,
+        onnxruntime_extensions=config.onnxruntime_extensions,
     )
     return ModelRuntime.load(name, version, path, options)
 

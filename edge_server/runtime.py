@@ -24,8 +24,18 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _pybind
 
 from shm_client.shared import datatypes
 from shm_client.shared.datatypes import DataType
-from shm_client.shared.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
+from shm_client.shared.errors import (
+    DeadlineExceeded,
+    EdgecowError,
+    FailedPrecondition,
+    InvalidArgument,
+    Unavailable,
+    Unimplemented,
+)
 
+from . import batching
+from .classification import read_labels
+from .custom_ops import register_custom_ops
 from .graph_file import unshaped_tensors
 
 log = logging.getLogger(__name__)
@@ -65,6 +75,11 @@ class ModelOptions:
     inter_op_threads: int = 0
     require_gpu: bool = False
     warmup: bool = False
+    model_dir: Path | None = None  # where the file names below are found: <root>/<name>
+    max_batch_size: int | None = None  # None: detected from the shapes (see batching.py)
+    labels: tuple[tuple[str, str], ...] = ()  # (output, labels file) for classification; "" is every output
+    custom_op_libraries: tuple[str, ...] = ()
+    onnxruntime_extensions: bool | None = None  # None: when the model imports ai.onnx.contrib
 
 
 @functools.cache
@@ -118,6 +133,35 @@ def resolve_providers(requested: Sequence[str], require_gpu: bool) -> list[str]:
     return list(dict.fromkeys(wanted))
 
 
+def _served_outputs(
+    name: str, version: int, session: ort.InferenceSession
+) -> tuple[list[ort.NodeArg], dict[str, str]]:
+    """The outputs whose type is a v2 datatype, and the others' onnx types by name; Unavailable, naming
+    them, when an input has a type no request could carry (a sequence, a map, an optional)."""
+    refused = [f"{node.name!r} ({node.type})" for node in session.get_inputs() if not _carried(node)]
+    if refused:
+        raise Unavailable(
+            f"model {name} version {version} cannot be loaded: input(s) {', '.join(refused)} have a type the v2 "
+            "protocol cannot carry; only tensors of its datatypes can be sent"
+        )
+    served = [node for node in session.get_outputs() if _carried(node)]
+    unserved = {node.name: node.type for node in session.get_outputs() if not _carried(node)}
+    if unserved:
+        log.warning(
+            "model %s version %d: output(s) %s have a type the v2 protocol cannot carry and are not served",
+            name, version, ", ".join(f"{out} ({kind})" for out, kind in unserved.items()),
+        )
+    return served, unserved
+
+
+def _carried(node: ort.NodeArg) -> bool:
+    try:
+        datatypes.from_onnx(node.type)
+    except Unimplemented:
+        return False
+    return True
+
+
 def _specs(
     nodes: Sequence[ort.NodeArg], unshaped: frozenset[str] = frozenset(), optional: bool = False
 ) -> tuple[TensorSpec, ...]:
@@ -144,6 +188,11 @@ class ModelRuntime:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     providers: tuple[str, ...]
+    max_batch_size: int = 0  # > 0: the first dimension of every input and output is the batch
+    # Classification labels by output name ("" for every output), from the files config.toml names.
+    labels: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
+    # Outputs the v2 protocol cannot carry (ZipMap's sequence of maps, optional, sequence), by their type.
+    unserved_outputs: dict[str, str] = field(default_factory=dict)
     _by_name: dict[str, TensorSpec] = field(default_factory=dict, repr=False)
     _uses_strings: bool = False
 
@@ -158,6 +207,9 @@ class ModelRuntime:
             session_options.inter_op_num_threads = options.inter_op_threads
         providers = resolve_providers(options.providers, options.require_gpu)
         try:
+            register_custom_ops(
+                session_options, options.model_dir, options.custom_op_libraries, options.onnxruntime_extensions, path
+            )
             session = ort.InferenceSession(str(path), session_options, providers=providers)
         except Exception as err:  # onnxruntime raises several private exception types for bad files
             reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
@@ -167,19 +219,41 @@ class ModelRuntime:
         if options.require_gpu and not any(p in GPU_PROVIDERS for p in used):
             raise FailedPrecondition(f"model {name} version {version} did not start on a GPU and require_gpu is set")
         unshaped = unshaped_tensors(path)
+        graph_outputs, unserved = _served_outputs(name, version, session)
+        required = _specs(session.get_inputs(), unshaped)
         # Initializers a request may override come after the inputs it must give.
-        inputs = _specs(session.get_inputs(), unshaped) + _specs(
-            session.get_overridable_initializers(), unshaped, optional=True
-        )
-        model = cls(name, version, path, session, inputs, _specs(session.get_outputs(), unshaped), used)
+        inputs = required + _specs(session.get_overridable_initializers(), unshaped, optional=True)
+        outputs = _specs(graph_outputs, unshaped)
+        model = cls(name, version, path, session, inputs, outputs, used, unserved_outputs=unserved)
         model._by_name = {spec.name: spec for spec in (*model.inputs, *model.outputs)}
         model._uses_strings = any(spec.datatype.variable_size for spec in (*model.inputs, *model.outputs))
+        try:
+            model.max_batch_size = batching.max_batch_size(name, required, outputs, options.max_batch_size)
+            model.labels = model._read_labels(options)
+        except EdgecowError as err:
+            raise Unavailable(f"model {name} version {version} cannot be loaded: {err.message}") from None
         if options.warmup:
             model.warm_up()
         return model
 
     def spec(self, name: str) -> TensorSpec | None:
         return self._by_name.get(name)
+
+    def labels_of(self, output: str) -> tuple[str, ...]:
+        """The classification labels of `output` (line i names class i); empty when it has none."""
+        return self.labels.get(output, self.labels.get("", ()))
+
+    def _read_labels(self, options: ModelOptions) -> dict[str, tuple[str, ...]]:
+        labels = {}
+        for output, file in options.labels:
+            if output and output not in {spec.name for spec in self.outputs}:
+                known = ", ".join(spec.name for spec in self.outputs)
+                raise InvalidArgument(f"config.toml gives labels for output {output!r}, which the model does not "
+                                      f"have; its outputs are: {known}")
+            if options.model_dir is None:
+                raise InvalidArgument(f"labels file {file!r} has no model directory to be found in")
+            labels[output] = read_labels(options.model_dir / file, file)
+        return labels
 
     def output_shape(self, name: str, feeds: Mapping[str, np.ndarray]) -> tuple[int, ...] | None:
         """The shape output `name` will have, when the model's declared shapes tell it before the run:

@@ -1,7 +1,7 @@
 """Per-version inference statistics, as the v2 ModelStatistics call reports them.
 
     stats = book.of(model)                   # zero for a version just loaded
-    book.success(stats, queue_ns, (input_ns, infer_ns, output_ns), total_ns)
+    book.success(stats, queue_ns, (input_ns, infer_ns, output_ns), total_ns, batch_size=1)
 
 Counters belong to one loaded ModelRuntime: a version unloaded and loaded again starts from zero, as in Triton.
 """
@@ -62,13 +62,16 @@ class StatisticsBook:
         with self._lock:
             stats.fail.add(total_ns)
 
-    def success(self, stats: ModelStats, queue_ns: int, compute_ns: tuple[int, int, int], total_ns: int) -> None:
+    def success(
+        self, stats: ModelStats, queue_ns: int, compute_ns: tuple[int, int, int], total_ns: int, batch_size: int = 1
+    ) -> None:
+        """One successful execution; inference_count counts each of its `batch_size` inferences, as Triton's."""
         with self._lock:
             stats.queue.add(queue_ns)
             stats.compute_input.add(compute_ns[0])
             stats.compute_infer.add(compute_ns[1])
             stats.compute_output.add(compute_ns[2])
             stats.success.add(total_ns)
-            stats.inference_count += 1
+            stats.inference_count += batch_size
             stats.execution_count += 1
             stats.last_inference_ms = int(time.time() * 1000)

@@ -377,3 +377,18 @@ def contrib_strings_model() -> onnx.ModelProto:
     )
     model.ir_version = IR_VERSION
     return model
+
+
+def concat_model() -> onnx.ModelProto:
+    """Two batched inputs, left FP32[batch, 2] and right FP32[batch, 3]; joined = their Concat along
+    axis 1, FP32[batch, 5]."""
+    graph = helper.make_graph(
+        [helper.make_node("Concat", ["left", "right"], ["joined"], axis=1)],
+        "concat",
+        [
+            helper.make_tensor_value_info("left", TensorProto.FLOAT, ["batch", 2]),
+            helper.make_tensor_value_info("right", TensorProto.FLOAT, ["batch", 3]),
+        ],
+        [helper.make_tensor_value_info("joined", TensorProto.FLOAT, ["batch", 5])],
+    )
+    return _model(graph)

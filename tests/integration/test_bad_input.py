@@ -209,12 +209,17 @@ def test_bad_timeout_parameter_is_invalid(stub: pb_grpc.GRPCInferenceServiceStub
     rejected(stub, message, INVALID, "parameter 'timeout' must be a non-negative integer number of microseconds")
 
 
-def test_classification_output_is_unimplemented_not_silently_ignored(
+def test_classification_output_is_answered_not_silently_ignored(
     stub: pb_grpc.GRPCInferenceServiceStub,
 ) -> None:
-    message = request()
+    message = request(raw=[np.array([4.0, 5.0], np.float32).tobytes()])
     message.outputs.add(name="y").parameters["classification"].int64_param = 2
-    rejected(stub, message, grpc.StatusCode.UNIMPLEMENTED, "output 'y' asks for classification")
+    response = stub.ModelInfer(message, timeout=30)
+    assert response.outputs[0].datatype == "BYTES" and list(response.outputs[0].shape) == [2]
+    assert response.raw_output_contents[0] == b"\n\0\0\x005.000000:1\n\0\0\x004.000000:0"  # 4-byte lengths
+    strings = request("identity_string", (("x", "BYTES", [1]),), raw=[b"\x01\0\0\0a"])
+    strings.outputs.add(name="y").parameters["classification"].int64_param = 1
+    rejected(stub, strings, INVALID, "output 'y' is BYTES", "classification")
 
 
 def test_reserved_request_parameters_are_accepted(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
