@@ -6,7 +6,8 @@
 Libraries are named relative to the model's directory (repository.py refuses names that leave it).
 onnxruntime-extensions (tokenizers, string and image ops in the `ai.onnx.contrib` domain) is registered
 when config.toml says `onnxruntime_extensions = true`, or, with the key absent, when the model imports
-that domain: its opset imports are read from the file's top-level fields, the graph is skipped.
+that domain and names no libraries of its own: its opset imports are read from the file's top-level
+fields, the graph is skipped.
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ def register_custom_ops(
             )
         _register(options, str(path), f"custom op library {name!r}")
     if extensions is None:
-        extensions = EXTENSIONS_DOMAIN in model_domains(model_path)
+        # Libraries of its own may be a build of onnxruntime-extensions (a custom libortextensions.so with
+        # the operators it needs): registering the domain twice fails, so then only `true` adds it.
+        extensions = not libraries and EXTENSIONS_DOMAIN in model_domains(model_path)
     if extensions:
         _register(options, extensions_library(), "the onnxruntime-extensions library")
 

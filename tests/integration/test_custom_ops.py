@@ -36,8 +36,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _model(root, "strings_auto")
     _model(root, "strings_off", config="onnxruntime_extensions = false\n")
     library = Path(onnxruntime_extensions.get_library_path())
-    own = _model(root, "strings_own_library",
-                 config='onnxruntime_extensions = false\ncustom_op_libraries = ["lib/libmyops.so"]\n')
+    # Without onnxruntime_extensions: a model with libraries of its own gets no extensions added.
+    own = _model(root, "strings_own_library", config='custom_op_libraries = ["lib/libmyops.so"]\n')
     (own / "lib").mkdir()
     shutil.copyfile(library, own / "lib" / "libmyops.so")
     linked = _model(root, "strings_linked_library",
@@ -48,6 +48,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (broken / "libbroken.so").write_bytes(b"not an ELF file")
     _model(root, "library_outside", config='custom_op_libraries = ["../strings_own_library/lib/libmyops.so"]\n')
     models.write_model(root, "plain", 1, models.scale_model(factor=2.0))
+    models.write_model(root, "plain_forced", 1, models.scale_model(factor=2.0),
+                       config="onnxruntime_extensions = true\n")
     return root
 
 
@@ -122,10 +124,11 @@ def test_a_library_outside_the_model_directory_is_refused(triton: grpcclient.Inf
     assert "library_outside/config.toml" in entry["reason"] and "inside the model's directory" in entry["reason"]
 
 
-def test_other_models_are_unaffected(triton: grpcclient.InferenceServerClient) -> None:
+@pytest.mark.parametrize("model", ["plain", "plain_forced"])
+def test_models_without_custom_operators_are_unaffected(triton: grpcclient.InferenceServerClient, model: str) -> None:
     tensor = grpcclient.InferInput("x", [3], "FP32")
     tensor.set_data_from_numpy(np.array([1, 2, 3], np.float32))
-    assert list(triton.infer("plain", [tensor]).as_numpy("y")) == [2, 4, 6]
+    assert list(triton.infer(model, [tensor]).as_numpy("y")) == [2, 4, 6]
 
 
 def test_without_the_package_the_error_says_how_to_install_it(tmp_path: Path) -> None:
