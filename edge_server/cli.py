@@ -294,7 +294,7 @@ def _offline_models(root: Path) -> list[dict[str, Any]]:
 def _models_import(args: argparse.Namespace) -> int:
     with _server_modules("models import"):
         from .config import load_settings
-        from .repository import Repository, import_sources
+        from .repository import NAME_PATTERN, ModelConfigFile, Repository, import_sources
         from .runtime import ModelOptions, ModelRuntime
 
     root = args.model_repository or load_settings(args.config).model_repository
@@ -302,10 +302,17 @@ def _models_import(args: argparse.Namespace) -> int:
         raise EdgecowError(f"{args.file} does not exist")
     repository = Repository(root)
     version = args.version or (repository.latest_version(args.name) or 0) + 1
-    cpu_only = ModelOptions(providers=("CPUExecutionProvider",))
     try:
         data_files = import_sources(args.file)  # checked before onnxruntime opens any of them
-        model = ModelRuntime.load(args.name, version, args.file, cpu_only)
+        # The model's config.toml, when it has one already, holds what the new version must load with:
+        # its custom-operator libraries, batch size and labels.
+        config = repository.config(args.name) if NAME_PATTERN.match(args.name) else ModelConfigFile()
+        options = ModelOptions(
+            providers=("CPUExecutionProvider",), model_dir=repository.root / args.name,
+            max_batch_size=config.max_batch_size, labels=config.labels,
+            custom_op_libraries=config.custom_op_libraries, onnxruntime_extensions=config.onnxruntime_extensions,
+        )
+        model = ModelRuntime.load(args.name, version, args.file, options)
     except EdgecowError as err:
         raise EdgecowError(f"{args.file} cannot be imported: {err.message}") from None
     target = repository.import_model(args.file, args.name, version)

@@ -10,6 +10,8 @@ onnxruntime. A broken or missing one shows in RepositoryIndex with its reason; t
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import numpy as np
 import onnxruntime_extensions
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import ServerProcess
+from conftest import REPO_ROOT, ServerProcess
 
 from shm_client import EdgeClient
 
@@ -150,3 +152,32 @@ def test_without_the_package_the_error_says_how_to_install_it(tmp_path: Path) ->
         client.close()
     finally:
         proc.stop()
+
+
+def test_models_import_loads_the_new_version_with_the_models_custom_operators(tmp_path: Path) -> None:
+    """`edgecow models import` validates with what the model's config.toml names (here its own library),
+    and with onnxruntime-extensions for a new model that uses its operators."""
+    root = tmp_path / "models"
+    own = _model(root, "texts", config='custom_op_libraries = ["libmyops.so"]\n')
+    shutil.copyfile(onnxruntime_extensions.get_library_path(), own / "libmyops.so")
+    source = tmp_path / "incoming.onnx"
+    source.write_bytes((own / "1" / "model.onnx").read_bytes())
+
+    def run(name: str, file: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "edge_server", "models", "import", str(file), "--name", name,
+             "--model-repository", str(root)],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        )
+
+    for name, version in (("texts", 2), ("fresh", 1)):
+        result = run(name, source)
+        assert result.returncode == 0, result.stderr
+        assert (root / name / str(version) / "model.onnx").is_file()
+        assert "output shout" in result.stdout
+    # The config is read: a version that could not load under it is not imported.
+    models.write_model(root, "grid", 1, models.scale_model(shape=["batch", 3]), config="max_batch_size = 8\n")
+    fixed = models.write_model(tmp_path / "staging", "grid", 1, models.scale_model(shape=[2, 3]))
+    refused = run("grid", fixed)
+    assert refused.returncode == 1 and "max_batch_size = 8" in refused.stderr
+    assert not (root / "grid" / "2").exists()
