@@ -1,4 +1,4 @@
-"""`python -m bench [all|core|shm|soak] [--quick]`: see bench/README.md."""
+"""`python -m bench [all|core|shm|models|outside|startup|soak] [--quick]`: see bench/README.md."""
 
 import sys
 

@@ -50,7 +50,7 @@ def serve(socket_path: str) -> None:
 class EchoClient:
     def __init__(self, target: str) -> None:
         self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
-        self._call = self._channel.unary_unary(METHOD)
+        self._call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = self._channel.unary_unary(METHOD)
 
     def echo(self, payload: bytes) -> bytes:
         return self._call(payload)

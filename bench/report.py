@@ -7,12 +7,48 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
+KB, MB = 1024, 1024 * 1024
 
-def interleaved(variants: dict[str, Callable[[], object]], iterations: int, warmup: int) -> dict[str, np.ndarray]:
+
+@dataclass(frozen=True)
+class Size:
+    """One payload size and how many interleaved rounds it gets (full run, --quick)."""
+
+    label: str
+    nbytes: int
+    iterations: int
+    quick: int
+
+    def rounds(self, quick: bool) -> int:
+        return self.quick if quick else self.iterations
+
+    def warmup(self, quick: bool) -> int:
+        """Calls of each variant before the timing, beside the one that checks its answer: fewer for the
+        large sizes, fewest with --quick."""
+        if self.nbytes >= 16 * MB:
+            return 0 if quick else 2
+        return (3 if quick else 10) if self.nbytes >= MB else (10 if quick else 50)
+
+
+def same_answer(name: str, got: object, want: np.ndarray, exact: bool = True) -> bool:
+    """Checks one variant's answer outside the timing (a fast wrong path must not look good): raises
+    SystemExit when it is not close; returns whether it is bit-identical (always True when `exact`)."""
+    array = np.asarray(got).reshape(want.shape)
+    if np.array_equal(array, want):
+        return True
+    if exact:
+        raise SystemExit(f"bench: {name} returned a wrong result")
+    if not np.allclose(array, want, rtol=1e-4, atol=1e-5):
+        raise SystemExit(f"bench: {name} returned a result that differs from in-process onnxruntime")
+    return False
+
+
+def interleaved(variants: Mapping[str, Callable[[], object]], iterations: int, warmup: int) -> dict[str, np.ndarray]:
     """Seconds per call for each variant, calls taken in turn (the starting variant rotates every round),
     so that a noisy neighbour slows every variant alike instead of whichever happened to run then."""
     names = list(variants)
