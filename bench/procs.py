@@ -22,6 +22,8 @@ import numpy as np
 import onnxruntime as ort
 import psutil
 
+from edge_server.runtime import resolve_providers
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import models  # the tests' ONNX builders (tests/models.py)
 
@@ -45,10 +47,16 @@ def scale_model_bytes() -> bytes:
     return data
 
 
+def server_providers() -> list[str]:
+    """The execution providers a server with default settings asks for here (CUDA only where it can start),
+    so that in-process baselines run where the server's sessions run."""
+    return resolve_providers(("auto",), require_gpu=False)
+
+
 def in_process_session(model: bytes | Path | None = None) -> ort.InferenceSession:
-    """A model (default: y = x*1) in this process, default session options as the server's, on the CPU."""
+    """A model (default: y = x*1) in this process, with the server's default session options and providers."""
     source = scale_model_bytes() if model is None else model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(source, providers=server_providers())
 
 
 class _Child:

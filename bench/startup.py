@@ -39,8 +39,9 @@ def bundled_models() -> list[Path]:
 
 
 def in_process_rss(files: list[Path]) -> dict[str, int]:
-    done = subprocess.run([sys.executable, "-m", "bench.footprint", *map(str, files)], cwd=procs.REPO_ROOT,
-                          capture_output=True, text=True, timeout=120)
+    providers = ",".join(procs.server_providers())
+    done = subprocess.run([sys.executable, "-m", "bench.footprint", providers, *map(str, files)],
+                          cwd=procs.REPO_ROOT, capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
         raise SystemExit(f"bench: the in-process footprint child failed:\n{done.stderr[-2000:]}")
     result: dict[str, int] = json.loads(done.stdout.splitlines()[-1])
@@ -57,7 +58,6 @@ def _cpu_over(server: procs.EdgeServer, seconds: float) -> tuple[float, float]:
 def run(args: argparse.Namespace, workdir: Path) -> None:
     starts = 1 if args.quick else 3
     idle = 1.0 if args.quick else 10.0
-    settle = SETTLE / 2 if args.quick else SETTLE
     program = procs.edgecow_command()
     command = " ".join([Path(program[0]).name, *program[1:]])
     print(heading(f"startup (issue 10): `{command} serve` with the bundled models, {starts} start(s), "
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
             ready.append(server.ready_after)
             rss_ready.append(server.rss())
             if i == 0:
-                settle_cpu, settle = _cpu_over(server, settle)
+                settle_cpu, settle = _cpu_over(server, SETTLE)
                 cpu, wall = _cpu_over(server, idle)
                 rss_idle = server.rss()
     files = bundled_models()
