@@ -3,10 +3,11 @@ server: y = x*1 at 4 KB, shared memory `none` and `system`, concurrency 1 and 4.
 
     PERF_ANALYZER=/path/to/perf_analyzer python -m bench outside [--quick]
 
-perf_analyzer is looked for in $PERF_ANALYZER, then on PATH, then beside this Python (where the tritonclient
-wheel's scripts land). The binary in tritonclient's wheel links the CUDA runtime even for CPU-only work; when
-libcudart is missing and the `nvidia-cuda-runtime-cu12` package is importable, its library folder is used.
-Where it cannot run, the part prints one line saying why and the bench goes on.
+perf_analyzer is looked for in $PERF_ANALYZER, then $EDGECOW_PERF_ANALYZER (what the compat test reads),
+then on PATH, then beside this Python (where the tritonclient wheel's scripts land). The binary in tritonclient's
+wheel links the CUDA runtime even for CPU-only work; when libcudart is missing and the `nvidia-cuda-runtime-cu12`
+package is importable, its library folder is used. Where it cannot run, the part prints one line saying why and
+the bench goes on.
 """
 
 from __future__ import annotations
@@ -26,19 +27,21 @@ from bench.report import heading, table
 MODEL, SHAPE, OUTPUT_BYTES = "scale", "x:1024", 4096  # FP32[1024]: the 4 KB of the shm part
 MODES = ("none", "system")
 CONCURRENCY = "1:4:3"  # start:end:step, so 1 and 4
+ENV_VARIABLES = ("PERF_ANALYZER", "EDGECOW_PERF_ANALYZER")
 
 
 def locate() -> tuple[str | None, str]:
     """(path, "") or (None, why it is not there)."""
-    explicit = os.environ.get("PERF_ANALYZER")
-    if explicit:
-        usable = os.access(explicit, os.X_OK)
-        return (explicit, "") if usable else (None, f"$PERF_ANALYZER={explicit} is not an executable file")
+    for variable in ENV_VARIABLES:
+        explicit = os.environ.get(variable)
+        if explicit:
+            usable = os.access(explicit, os.X_OK)
+            return (explicit, "") if usable else (None, f"${variable}={explicit} is not an executable file")
     found = shutil.which("perf_analyzer") or shutil.which("perf_analyzer", path=str(Path(sys.executable).parent))
     if found:
         return found, ""
     return None, ("perf_analyzer is not on PATH and $PERF_ANALYZER is not set (it ships in the tritonclient 2.40.0 "
-                  "wheel for Linux x86_64, as a data script)")
+                  "wheel for Linux x86_64, as a data script; see bench/README.md)")
 
 
 def _cuda_runtime_dir() -> str | None:
