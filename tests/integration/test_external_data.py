@@ -16,17 +16,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
-import models
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import REPO_ROOT, ServerProcess
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_server.external_data import external_files
 from shm_client.shared._proto import inference_pb2 as pb
 from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
+from tests.support import models
+from tests.support.processes import REPO_ROOT, ServerProcess
 
 SIZE = 4096
 X = np.linspace(-1.0, 1.0, SIZE, dtype=np.float32)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import models
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
-from conftest import ServerProcess
 from tritonclient.utils import InferenceServerException
+
+from tests.support import models
+from tests.support.processes import ServerProcess
 
 
 def _repository(root: Path) -> Path:

@@ -14,11 +14,12 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
-from conftest import ServerProcess, owned_segments
 from tritonclient.utils import InferenceServerException
 
 from shm_client.shared._proto import inference_pb2 as pb
 from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
+from tests.support.processes import ServerProcess
+from tests.support.shm import owned_segments
 
 X = np.arange(16, dtype=np.float32)
 GATE_REGION = "stream-deadline-gate"
@@ -42,7 +43,7 @@ class Requests:
 
 
 @pytest.fixture
-def gate(server: ServerProcess) -> Iterator[np.ndarray]:
+def gate_flag(server: ServerProcess) -> Iterator[np.ndarray]:
     """The `gate` model's INT32 gate in a registered region: 0 holds a call in flight, 1 lets it finish."""
     channel = grpc.insecure_channel(server.unix_target)
     stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -74,7 +75,7 @@ def _gated(request_id: str, timeout_us: int = 0) -> pb.ModelInferRequest:
 
 
 def test_the_streams_deadline_ends_the_stream_with_deadline_exceeded(
-    server: ServerProcess, gate: np.ndarray
+    server: ServerProcess, gate_flag: np.ndarray
 ) -> None:
     stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.unix_target))
     requests = Requests()
@@ -89,7 +90,7 @@ def test_the_streams_deadline_ends_the_stream_with_deadline_exceeded(
     assert received == []  # the deadline is the stream's status, never an in-stream error_message
     requests.close()
     # The server let go of the call and the stream: a new stream serves at once.
-    gate[0] = 1
+    gate_flag[0] = 1
     again = Requests()
     replies = stub.ModelStreamInfer(iter(again), timeout=60)
     again.send(_gated("after"))
@@ -99,7 +100,9 @@ def test_the_streams_deadline_ends_the_stream_with_deadline_exceeded(
     assert list(replies) == []
 
 
-def test_a_calls_timeout_parameter_fails_that_call_inside_the_stream(server: ServerProcess, gate: np.ndarray) -> None:
+def test_a_calls_timeout_parameter_fails_that_call_inside_the_stream(
+    server: ServerProcess, gate_flag: np.ndarray
+) -> None:
     stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.unix_target))
     requests = Requests()
     responses = stub.ModelStreamInfer(iter(requests), timeout=120)
@@ -107,7 +110,7 @@ def test_a_calls_timeout_parameter_fails_that_call_inside_the_stream(server: Ser
     failed = next(responses)
     assert failed.error_message.startswith("DEADLINE_EXCEEDED: ")
     assert failed.infer_response.id == "timed"
-    gate[0] = 1
+    gate_flag[0] = 1
     requests.send(_gated("next"))  # the stream goes on
     served = next(responses)
     assert served.error_message == "" and served.infer_response.id == "next"
@@ -117,7 +120,7 @@ def test_a_calls_timeout_parameter_fails_that_call_inside_the_stream(server: Ser
 
 
 def test_tritonclient_sees_deadline_exceeded_when_its_stream_timeout_passes(
-    server: ServerProcess, gate: np.ndarray
+    server: ServerProcess, gate_flag: np.ndarray
 ) -> None:
     """Triton's own client-timeout QA check: start_stream(stream_timeout=...) and a call held past it."""
     results: queue.Queue[object] = queue.Queue()

@@ -14,11 +14,12 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerProcess, owned_segments
 
 from shm_client.shared._proto import edgecow_pb2, edgecow_pb2_grpc
 from shm_client.shared._proto import inference_pb2 as pb
 from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
+from tests.support.processes import ServerProcess
+from tests.support.shm import owned_segments
 
 X = np.arange(64, dtype=np.float32)
 
