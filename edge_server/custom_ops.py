@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import mmap
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from shm_client.shared.wire import WireError, fields
 
 EXTENSIONS_DOMAIN = "ai.onnx.contrib"
 EXTENSIONS_HINT = "pip install 'edgecow[extensions]'"
+_PROTOBUF_IMPLEMENTATION = "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION"
 
 # ModelProto.opset_import and OperatorSetIdProto.domain in onnx.proto; protobuf's wire type for both.
 _OPSET_IMPORT_FIELD = 8
@@ -60,6 +62,9 @@ def register_custom_ops(
 
 def extensions_library() -> str:
     """The path of onnxruntime-extensions' custom-op library; FailedPrecondition when it is not installed."""
+    # Importing the package sets PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python for the whole process (its
+    # model converters want pure-Python protobuf); anything started from here keeps the caller's choice.
+    saved = os.environ.get(_PROTOBUF_IMPLEMENTATION)
     try:
         module = importlib.import_module("onnxruntime_extensions")
     except ImportError:
@@ -67,6 +72,11 @@ def extensions_library() -> str:
             f"the model uses onnxruntime-extensions operators ({EXTENSIONS_DOMAIN}), which are not installed "
             f"on the server; run {EXTENSIONS_HINT} where the server runs"
         ) from None
+    finally:
+        if saved is None:
+            os.environ.pop(_PROTOBUF_IMPLEMENTATION, None)
+        else:
+            os.environ[_PROTOBUF_IMPLEMENTATION] = saved
     return str(module.get_library_path())
 
 

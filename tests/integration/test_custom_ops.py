@@ -17,11 +17,11 @@ from pathlib import Path
 
 import models
 import numpy as np
-import onnxruntime_extensions
 import pytest
 import tritonclient.grpc as grpcclient
 from conftest import REPO_ROOT, ServerProcess
 
+from edge_server.custom_ops import extensions_library
 from shm_client import EdgeClient
 
 TEXT = np.array([b"hello  wide world", b"edge cow", "d\u00e9j\u00e0 vu".encode()], dtype=object)
@@ -37,7 +37,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("custom_ops") / "models"
     _model(root, "strings_auto")
     _model(root, "strings_off", config="onnxruntime_extensions = false\n")
-    library = Path(onnxruntime_extensions.get_library_path())
+    library = Path(extensions_library())
     # Without onnxruntime_extensions: a model with libraries of its own gets no extensions added.
     own = _model(root, "strings_own_library", config='custom_op_libraries = ["lib/libmyops.so"]\n')
     (own / "lib").mkdir()
@@ -159,7 +159,7 @@ def test_models_import_loads_the_new_version_with_the_models_custom_operators(tm
     and with onnxruntime-extensions for a new model that uses its operators."""
     root = tmp_path / "models"
     own = _model(root, "texts", config='custom_op_libraries = ["libmyops.so"]\n')
-    shutil.copyfile(onnxruntime_extensions.get_library_path(), own / "libmyops.so")
+    shutil.copyfile(extensions_library(), own / "libmyops.so")
     source = tmp_path / "incoming.onnx"
     source.write_bytes((own / "1" / "model.onnx").read_bytes())
 

@@ -6,6 +6,9 @@ decides on onnxruntime-extensions, and the top-k ranking of the classification e
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import models
@@ -124,3 +127,18 @@ def test_classify_ranks_each_row_of_a_higher_rank_output_over_its_elements() -> 
     assert classify(values, 2, batched=True, labels=("a", "b", "c", "d")).tolist() == [
         [b"9:1:b", b"4:3:d"], [b"8:0:a", b"8:3:d"]
     ]
+
+
+def test_finding_the_extensions_library_leaves_the_protobuf_implementation_alone() -> None:
+    """onnxruntime_extensions sets PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python when imported; every process
+    started afterwards (a test's server, say) would get the slow pure-Python protobuf. A fresh interpreter,
+    since a package is imported once per process."""
+    script = (
+        "import os, pathlib\n"
+        "from edge_server.custom_ops import extensions_library\n"
+        "assert pathlib.Path(extensions_library()).is_file()\n"
+        "assert 'PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION' not in os.environ, os.environ\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
