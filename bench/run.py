@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import onnxruntime as ort
+from google.protobuf.internal import api_implementation
 
 from bench import core, outside, realistic, shm, soak, startup
 
@@ -35,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     parts = list(PARTS) if args.part == "all" else [args.part]
     print(f"edgecow bench: {', '.join(parts)}{' (quick)' if args.quick else ''}; "
-          f"python {sys.version.split()[0]}, onnxruntime {ort.__version__}, {multiprocessing.cpu_count()} CPUs")
+          f"python {sys.version.split()[0]}, onnxruntime {ort.__version__}, protobuf {api_implementation.Type()}, "
+          f"{multiprocessing.cpu_count()} CPUs")
     began = time.perf_counter()
     for part in parts:
         part_began = time.perf_counter()
