@@ -17,9 +17,11 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
 
 from edge_server import __version__
 from shm_client.shared.errors import EdgecowError
@@ -206,13 +208,51 @@ def _infer(args: argparse.Namespace) -> int:
     return 0
 
 
-def _status(args: argparse.Namespace) -> int:
+def _message_as_json(message: Message) -> dict[str, Any]:
+    """A message as JSON data with every field present (zero counts as 0) and 64-bit integers as numbers,
+    which protobuf's JSON mapping writes as strings."""
     from google.protobuf import json_format
 
+    data = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    return _int64_as_numbers(cast(Descriptor, message.DESCRIPTOR), data)  # the C and Python classes alike
+
+
+_INT64_TYPES = frozenset({
+    FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64,
+})
+
+
+def _int64_as_numbers(descriptor: Descriptor, data: dict[str, Any]) -> dict[str, Any]:
+    for field in descriptor.fields:
+        if field.name not in data:
+            continue
+        value = data[field.name]
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            entry = field.message_type.fields_by_name["value"]
+            data[field.name] = {key: _json_value(entry, item) for key, item in value.items()}
+        elif isinstance(value, list):
+            data[field.name] = [_json_value(field, item) for item in value]
+        else:
+            data[field.name] = _json_value(field, value)
+    return data
+
+
+def _json_value(field: FieldDescriptor, value: Any) -> Any:
+    if field.message_type is not None and isinstance(value, dict):
+        return _int64_as_numbers(field.message_type, value)
+    if field.type in _INT64_TYPES:
+        return int(value)
+    return value
+
+
+def _status(args: argparse.Namespace) -> int:
     with _client(args) as client:
         status = client.status()
     if args.json:
-        print(json_format.MessageToJson(status, preserving_proto_field_name=True))
+        print(json.dumps(_message_as_json(status), indent=2))
         return 0
     mib = 1 << 20
     print(f"edgecow {status.version} pid {status.process.pid}, up {status.process.uptime_seconds:.0f}s")
