@@ -101,7 +101,8 @@ class _Child:
                 listener.close()
         if not ready or self.proc.poll() is not None:
             self.stop()
-            raise RuntimeError(f"{' '.join(self.cmd[1:3])} did not become ready:\n" + "\n".join(self.lines[-30:]))
+            command = " ".join([Path(self.cmd[0]).name, *self.cmd[1:4]])
+            raise RuntimeError(f"{command} did not become ready:\n" + "\n".join(self.lines[-30:]))
         return self
 
     def _bind_notify(self) -> socket.socket | None:
@@ -201,8 +202,11 @@ class EdgeServer(_Child):
         self.listeners: list[str] = []
         repo_args = ["--model-repository", str(repo)] if repo is not None else []
         program = edgecow_command() if console else [sys.executable, "-m", "edge_server"]
+        # Every listener on a free port, so that the bench's servers never clash with another server on the
+        # box; given as a variable, which a server without that setting ignores.
+        env = {"EDGECOW_METRICS_LISTEN": os.environ.get("EDGECOW_METRICS_LISTEN", "127.0.0.1:0")}
         super().__init__([*program, "serve", *repo_args, "--socket", str(self.socket), "--listen", "127.0.0.1:0",
-                          *args], notify=workdir / "notify.sock" if notify else None)
+                          *args], env=env, notify=workdir / "notify.sock" if notify else None)
 
     def _line(self, line: str) -> None:
         match = LISTEN_PATTERN.search(line)
