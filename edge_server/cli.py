@@ -3,7 +3,7 @@
     edgecow serve --model-repository ./models --listen 0.0.0.0:8001
     edgecow infer identity --input x=x.npy --output-dir out/
 
-Client subcommands (infer, status, models list) and install-systemd need only the light client; serve,
+Client subcommands (infer, status, doctor, models list) and install-systemd need only the light client; serve,
 models import and models list --model-repository load the server's modules when they run, and without
 the [server] extra say in one line what to install.
 """
@@ -32,44 +32,29 @@ if TYPE_CHECKING:
 # The top-level modules of the packages only the [server] extra installs.
 SERVER_ONLY_MODULES = frozenset({"onnxruntime", "psutil", "grpc_health", "grpc_reflection", "tomli"})
 
-SERVE_FLAGS = {
-    # flag: (settings key, type, help)
-    "--model-repository": ("model_repository", str, "directory of <name>/<version>/model.onnx "
-                           "(default: the example models shipped with edgecow)"),
-    "--models": ("models", str, "comma-separated models to load (default: all)"),
-    "--listen": ("listen", str, "TCP HOST:PORT, or 'none' (default: 0.0.0.0:8001)"),
-    "--socket": ("socket", str, "unix socket path, or 'none' (default: /run/edgecow/edgecow.sock when writable, "
-                 "else $XDG_RUNTIME_DIR/edgecow.sock)"),
-    "--tls-cert": ("tls_cert", str, "PEM certificate for TCP (with --tls-key)"),
-    "--tls-key": ("tls_key", str, "PEM private key for TCP (with --tls-cert)"),
-    "--log-level": ("log_level", str, "debug, info, warning or error (default: info)"),
-    "--poll-interval": ("poll_interval", float, "seconds between repository scans for new versions; 0 = off"),
-    "--grace-period": ("grace_period", float, "seconds calls in flight get to finish on SIGTERM (default: 30)"),
-    "--workers": ("workers", int, "gRPC handler threads (default: 32)"),
-    "--providers": ("providers", str, "comma-separated execution providers, or 'auto' (default)"),
-    "--max-inflight-per-model": ("max_inflight_per_model", int, "calls one model runs at once (default: 8)"),
-    "--max-queue-per-model": ("max_queue_per_model", int, "calls that may wait for a model (default: 64)"),
-    "--max-request-bytes": ("max_request_bytes", int, "largest request, and most its inputs may take decoded"),
-    "--max-tensor-bytes": ("max_tensor_bytes", int, "largest input tensor (BYTES: data + 128 per element)"),
-    "--max-elements": ("max_elements", int, "most elements one input tensor may have"),
-    "--local-peers": ("local_peers", str, "which callers may use shared memory and repository control: "
-                      "'unix' (default: the socket's group), or 'unix,loopback' (any local user on 127.0.0.1 "
-                      "then acts with the server's rights; only where every local user is trusted)"),
-    "--shm-max-regions": ("shm_max_regions", int, "registered shared-memory regions allowed (default: 1024)"),
-    "--shm-max-mapped-bytes": ("shm_max_mapped_bytes", int, "bytes of registered shared memory the server "
-                               "maps at most (default: 32 GiB)"),
-    "--shm-reap-interval": ("shm_reap_interval", float, "seconds between sweeps that drop registrations of "
-                            "vanished segments or dead clients (default: 2)"),
-    "--max-streams": ("max_streams", int, "ModelStreamInfer streams open at once, below --workers "
-                      "(default: 0 = half the workers)"),
-    "--max-streams-per-peer": ("max_streams_per_peer", int, "streams one peer address may hold; unix-socket "
-                               "callers count as one peer (default: 0 = half of --max-streams)"),
-    "--lane-max-connections": ("lane_max_connections", int, "local-lane connections at once (default: 256)"),
-    "--lane-read-timeout": ("lane_read_timeout", float, "seconds a local-lane request may take to arrive once "
-                            "it has begun (default: 10)"),
-    "--lane-max-buffered-bytes": ("lane_max_buffered_bytes", int, "request bytes all local-lane connections "
-                                  "hold at once (default: 256 MiB)"),
+# Help for the flags whose default --help shows in words, not as one value.
+_EXTRA_HELP = {
+    "max_request_bytes": "default: 2 GiB - 1",
+    "max_tensor_bytes": "default: 2 GiB - 1",
+    "shm_max_mapped_bytes": "default: 32 GiB",
+    "lane_max_buffered_bytes": "default: 256 MiB",
 }
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting, from the settings table in edge_server/config.py."""
+    from .config import settings_table
+
+    for row in settings_table():
+        text = f"{row.help} (default: {row.default}; ${row.env})".replace("%", "%%")
+        if row.name in _EXTRA_HELP:
+            text = f"{row.help} ({_EXTRA_HELP[row.name]}; ${row.env})"
+        if row.kind == "bool":
+            parser.add_argument(row.flag, dest=row.name, action="store_const", const=row.default != "true",
+                                default=None, help=text)
+        else:
+            kind = {"int": int, "float": float}.get(row.kind, str)
+            parser.add_argument(row.flag, dest=row.name, type=kind, metavar=row.name.upper(), help=text)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,15 +67,7 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the server", description="Load the models and serve them.")
     serve.add_argument("--config", type=Path, help="TOML settings file (keys as the flags, with underscores)")
-    for flag, (_, kind, text) in SERVE_FLAGS.items():
-        serve.add_argument(flag, type=kind, help=text)
-    serve.add_argument("--require-gpu", action="store_true", default=None, help="fail to start without a GPU")
-    serve.add_argument("--no-shm", dest="shm_enabled", action="store_false", default=None,
-                       help="turn shared memory off (every client uses gRPC)")
-    serve.add_argument("--no-local-lane", dest="local_lane", action="store_false", default=None,
-                       help="do not offer shared-memory callers the local lane (they use gRPC for every call)")
-    serve.add_argument("--shm-allow-remote", action="store_true", default=None,
-                       help="let non-local peers register shared memory (only behind a trusted proxy)")
+    _add_setting_flags(serve)
 
     target_help = "server address: unix:///path or HOST:PORT (default: $EDGECOW_TARGET or the local socket)"
     infer = sub.add_parser("infer", help="run one inference from .npy files")
@@ -107,6 +84,11 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show the server, its models, providers and resources")
     status.add_argument("--target", help=target_help)
     status.add_argument("--json", action="store_true", help="print JSON")
+
+    doctor = sub.add_parser("doctor", help="check that this process can use shared memory with the server",
+                            description="One line per check (ok, warn or FAIL) with what to run; exit code 0 "
+                                        "only when shared memory works.")
+    doctor.add_argument("--target", help=target_help)
 
     models = sub.add_parser("models", help="list or import models")
     models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
@@ -138,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "serve": _serve,
         "infer": _infer,
         "status": _status,
+        "doctor": _doctor,
         "models": _models,
         "install-systemd": _install,
         "uninstall-systemd": _uninstall,
@@ -165,13 +148,10 @@ def _server_modules(command: str) -> Iterator[None]:
 
 def _serve(args: argparse.Namespace) -> int:
     with _server_modules("serve"):
-        from .config import load_settings
+        from .config import load_settings, settings_table
         from .server import serve
 
-    overrides: dict[str, Any] = {key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, _, _) in
-                                 SERVE_FLAGS.items()}
-    overrides.update(require_gpu=args.require_gpu, shm_enabled=args.shm_enabled, local_lane=args.local_lane,
-                     shm_allow_remote=args.shm_allow_remote)
+    overrides: dict[str, Any] = {row.name: getattr(args, row.name) for row in settings_table()}
     settings = load_settings(args.config, overrides)
     return serve(settings, args.config)
 
@@ -364,6 +344,12 @@ def _models_import(args: argparse.Namespace) -> int:
     for spec in model.outputs:
         print(f"    output {spec.name:<20} {spec.datatype.name:<6} {list(spec.shape)}")
     return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from shm_client import doctor
+
+    return doctor.run(args.target)
 
 
 def _install(args: argparse.Namespace) -> int:
