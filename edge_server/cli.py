@@ -30,7 +30,9 @@ if TYPE_CHECKING:
     from shm_client import EdgeClient
 
 # The top-level modules of the packages only the [server] extra installs.
-SERVER_ONLY_MODULES = frozenset({"onnxruntime", "psutil", "grpc_health", "grpc_reflection", "tomli"})
+SERVER_ONLY_MODULES = frozenset(
+    {"onnxruntime", "psutil", "grpc_health", "grpc_reflection", "prometheus_client", "tomli"}
+)
 
 # Help for the flags whose default --help shows in words, not as one value.
 _EXTRA_HELP = {

@@ -73,8 +73,8 @@ class DataPlane:
                 with self.admission.gate(model.name).enter(request.deadline):
                     queued = time.monotonic_ns()
                     response, timings = self._run(model, request, local)
-            except EdgecowError:
-                self.statistics.failure(stats, time.monotonic_ns() - start)
+            except EdgecowError as err:
+                self.statistics.failure(stats, time.monotonic_ns() - start, err.code.name)
                 raise
             self.statistics.success(
                 stats, queued - start, timings, time.monotonic_ns() - start, batch_size(model, request.inputs)

@@ -30,10 +30,11 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from shm_client.shared._proto import POOL
 from shm_client.shared.errors import EdgecowError, FailedPrecondition
 
-from .config import Settings, load_settings
+from .config import Settings, flag_of, load_settings
 from .dataplane import DataPlane
 from .grpc_service import ServerState, add_services
 from .local_lane import LocalLane
+from .metrics import MetricsEndpoint, ServerCollector, metrics_wanted
 from .regions import Beacon, RegionRegistry
 from .repository import ModelStore, Repository
 from .runtime import gpu_usable
@@ -145,6 +146,7 @@ class EdgecowServer:
         self._watchdog: Watchdog | None = None
         self._housekeeper: threading.Thread | None = None
         self.lane: LocalLane | None = None
+        self.metrics: MetricsEndpoint | None = None
 
     # -- start -----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -155,6 +157,7 @@ class EdgecowServer:
         if not settings.model_repository.is_dir():
             raise FailedPrecondition(f"model repository {settings.model_repository} is not a directory")
         self._prepare_sockets()  # before the models load: a clash must not cost a minute of loading first
+        self._start_metrics()  # also before: a port in use shows at once, and scrapes see the models load
         self.store.load_all()
         if settings.shm_enabled:
             self.state.beacon = Beacon()
@@ -200,6 +203,15 @@ class EdgecowServer:
         _prepare_socket(path)
         if self._lane_wanted():
             _prepare_socket(lane_path_for(path), "choose another --socket, or pass --no-local-lane")
+
+    def _start_metrics(self) -> None:
+        if not metrics_wanted(self.settings.metrics_listen):
+            return
+        collector = ServerCollector(self.store, self.registry, self.plane)
+        self.metrics = MetricsEndpoint.bind(self.settings.metrics_listen, collector,
+                                            self.settings.source("metrics_listen"), flag_of("metrics_listen"))
+        self.metrics.start()
+        log.info("metrics on %s", self.metrics.url)
 
     def _lane_wanted(self) -> bool:
         settings = self.settings
@@ -351,6 +363,8 @@ class EdgecowServer:
         if self.socket_path is not None:
             with contextlib.suppress(OSError):
                 self.socket_path.unlink()
+        if self.metrics is not None:
+            self.metrics.stop()
         log.info("stopped")
 
 
