@@ -87,6 +87,28 @@ def _prepare_socket(path: Path, remedy: str = "choose another --socket") -> None
     raise FailedPrecondition(f"another server is already listening on {path}; stop it or {remedy}")
 
 
+def check_tcp_address(address: str, source: str, flag: str) -> None:
+    """Refuse at once a TCP HOST:PORT this process cannot listen on (in use, not this machine's, no rights),
+    naming where the address was set (`source`) and which `flag` changes it."""
+    host, _, port = address.strip().rpartition(":")
+    try:
+        infos = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except (OSError, ValueError) as err:
+        raise FailedPrecondition(f"cannot listen on {address} (from {source}): {err}; fix the host or choose "
+                                 f"another {flag}") from None
+    for family, kind, proto, _, sockaddr in infos:  # gRPC binds every address the host resolves to
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: TIME_WAIT is no clash
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as err:
+                raise FailedPrecondition(f"cannot listen on {address} (from {source}): {err.strerror}; stop "
+                                         f"what uses it or choose another {flag}") from None
+
+
 def lane_path_for(socket_path: Path) -> Path:
     """The local lane's socket beside the gRPC one: edgecow.sock -> edgecow-lane.sock."""
     return socket_path.with_name(f"{socket_path.stem}-lane.sock")
@@ -197,7 +219,15 @@ class EdgecowServer:
         reflection.enable_server_reflection(names, server, pool=POOL)
 
     def _prepare_sockets(self) -> None:
-        path = self.settings.socket_path()
+        settings = self.settings
+        if settings.listen.strip().lower() not in ("", "none", "off"):
+            check_tcp_address(settings.listen, settings.source("listen"), flag_of("listen"))
+        for name in ("tls_cert", "tls_key"):
+            tls_file = getattr(settings, name)
+            if tls_file is not None and not os.access(tls_file, os.R_OK):
+                raise FailedPrecondition(f"{name} {tls_file} (from {settings.source(name)}) cannot be read; fix "
+                                         "the path or its permissions")
+        path = settings.socket_path()
         if path is None:
             return
         _prepare_socket(path)
@@ -228,18 +258,21 @@ class EdgecowServer:
             os.chmod(path, 0o660)
             self.state.listeners.append(f"unix:{path}")
         if settings.listen.strip().lower() not in ("", "none", "off"):
-            host, _, port = settings.listen.rpartition(":")
-            if not host or not port.isdigit():
-                raise FailedPrecondition(f"--listen {settings.listen!r} is not HOST:PORT")
-            if settings.tls_cert and settings.tls_key:
-                credentials = grpc.ssl_server_credentials(
-                    [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())]
-                )
-                bound = server.add_secure_port(settings.listen, credentials)
-            else:
-                bound = server.add_insecure_port(settings.listen)
+            host = settings.listen.rpartition(":")[0]
+            try:
+                if settings.tls_cert and settings.tls_key:
+                    credentials = grpc.ssl_server_credentials(
+                        [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())]
+                    )
+                    bound = server.add_secure_port(settings.listen, credentials)
+                else:
+                    bound = server.add_insecure_port(settings.listen)
+            except RuntimeError:  # grpc's "failed to bind": the port was taken while the models loaded
+                bound = 0
             if not bound:
-                raise FailedPrecondition(f"cannot listen on {settings.listen}; is the port in use?")
+                raise FailedPrecondition(f"cannot listen on {settings.listen} (from {settings.source('listen')}): "
+                                         f"the port is in use; stop what uses it or choose another "
+                                         f"{flag_of('listen')}")
             self.state.listeners.append(f"{host}:{bound}")
         if not self.state.listeners:
             raise FailedPrecondition("neither a unix socket nor a TCP address to listen on; set --socket or --listen")
@@ -376,8 +409,11 @@ def serve(settings: Settings, config_file: Path | None = None) -> int:
     try:
         server.start()
     except EdgecowError as err:
-        log.error("cannot start: %s", err)
+        log.error("cannot start: %s", err.message)
         server.stop()
         return 1
+    except BaseException:
+        server.stop()  # the beacon segment and socket files go even on an unexpected failure
+        raise
     server.run(config_file)
     return 0
