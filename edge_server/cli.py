@@ -110,9 +110,17 @@ def _parser() -> argparse.ArgumentParser:
     install.add_argument("--root", type=Path, default=Path("/"), help="stage into this directory (default: /)")
     install.add_argument("--dry-run", action="store_true", help="show what would change, change nothing")
     install.add_argument("--gpu", action="store_true", help="add the drop-in that lets the service see NVIDIA GPUs")
-    uninstall = sub.add_parser("uninstall-systemd", help="remove what install-systemd installed")
-    uninstall.add_argument("--root", type=Path, default=Path("/"))
-    uninstall.add_argument("--dry-run", action="store_true")
+    install.add_argument("--force", action="store_true",
+                         help="install even when the unit's sandbox hides this interpreter (under /tmp, /home "
+                              "or /root)")
+    uninstall = sub.add_parser(
+        "uninstall-systemd", help="remove what install-systemd installed",
+        description="Stop and disable the service, remove its unit, drop-ins and sysusers/tmpfiles snippets; "
+                    "the config in /etc/edgecow, the models and the edgecow user stay.",
+    )
+    uninstall.add_argument("--root", type=Path, default=Path("/"),
+                           help="remove from this staging directory instead of the live system (default: /)")
+    uninstall.add_argument("--dry-run", action="store_true", help="show what would be removed, remove nothing")
     return parser
 
 
@@ -357,9 +365,20 @@ def _doctor(args: argparse.Namespace) -> int:
 def _install(args: argparse.Namespace) -> int:
     from . import install
 
+    if not args.force:
+        install.check_visible_to_service()
     for change in install.install(args.root, dry_run=args.dry_run, gpu=args.gpu):
         print(f"{change.action:9} {change.path}")
+    _print_skipped(install.not_live_reason(args.root), install.install_steps())
     return 0
+
+
+def _print_skipped(reason: str | None, steps: list[str]) -> None:
+    """Say which live-system steps a staging (or unprivileged) run left out, and that they are still due."""
+    if reason is None:
+        return
+    for step in steps:
+        print(f"{'skipped':9} {step} ({reason}; run it on the target system)")
 
 
 def _uninstall(args: argparse.Namespace) -> int:
@@ -367,4 +386,5 @@ def _uninstall(args: argparse.Namespace) -> int:
 
     for change in install.uninstall(args.root, dry_run=args.dry_run):
         print(f"{change.action:9} {change.path}")
+    _print_skipped(install.not_live_reason(args.root), install.uninstall_steps())
     return 0

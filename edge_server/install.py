@@ -17,10 +17,22 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from shm_client.shared.errors import EdgecowError
+
 log = logging.getLogger(__name__)
 
 UNIT_NAME = "edgecow.service"
 CONFIG_PATH = Path("/etc/edgecow/edgecow.toml")
+# Directories the unit hides from the service, and the setting that hides them.
+HIDDEN_DIRS = {
+    Path("/tmp"): "PrivateTmp=yes",
+    Path("/var/tmp"): "PrivateTmp=yes",
+    Path("/home"): "ProtectHome=yes",
+    Path("/root"): "ProtectHome=yes",
+    Path("/run/user"): "ProtectHome=yes",
+}
+INSTALL_FIX = ("install edgecow where the service can see it: python3 -m venv /opt/edgecow && "
+               "/opt/edgecow/bin/pip install 'edgecow[server]' && sudo /opt/edgecow/bin/edgecow install-systemd")
 
 
 @dataclass(frozen=True)
@@ -76,6 +88,50 @@ def default_exec_start() -> str:
         _unit_quote(arg)
         for arg in (sys.executable, "-m", "edge_server", "serve", "--config", str(CONFIG_PATH))
     )
+
+
+def hidden_from_service(path: Path) -> str | None:
+    """Why the service cannot see `path` (or where its symlinks lead), e.g. "/tmp (PrivateTmp=yes)"; None if
+    it can."""
+    for candidate in (Path(os.path.abspath(path)), path.resolve()):
+        for hidden, setting in HIDDEN_DIRS.items():
+            if candidate.is_relative_to(hidden):
+                return f"{candidate} is under {hidden}, which the unit hides ({setting})"
+    return None
+
+
+def check_visible_to_service() -> None:
+    """Refuse an install whose interpreter or edgecow package the unit's sandbox hides (the service would fail
+    to start with a bare "No such file or directory")."""
+    package = Path(__file__).resolve().parent
+    for what, path in (("the interpreter", Path(sys.executable)), ("the edgecow package", package)):
+        reason = hidden_from_service(path)
+        if reason is not None:
+            raise EdgecowError(f"the service cannot reach {what}: {reason}; {INSTALL_FIX} "
+                               "(or pass --force to install anyway)")
+
+
+def not_live_reason(root: Path) -> str | None:
+    """Why install/uninstall under `root` leaves the live-system steps out; None when it runs them."""
+    if Path(root).resolve() != Path("/"):
+        return f"{root} is a staging root"
+    if os.geteuid() != 0:
+        return "not running as root"
+    if not Path("/run/systemd/system").is_dir() or shutil.which("systemctl") is None:
+        return "systemd is not running here"
+    return None
+
+
+def install_steps(enable: bool | None = None) -> list[str]:
+    """The commands install runs on the live system after writing the files."""
+    steps = ["systemd-sysusers /etc/sysusers.d/edgecow.conf", "systemd-tmpfiles --create /etc/tmpfiles.d/edgecow.conf",
+             "systemctl daemon-reload"]
+    return steps + ([f"systemctl enable {UNIT_NAME}"] if enable is not False else [])
+
+
+def uninstall_steps() -> list[str]:
+    """The commands uninstall runs on the live system around removing the files."""
+    return [f"systemctl disable --now {UNIT_NAME}", "systemctl daemon-reload"]
 
 
 def _unit_quote(arg: str) -> str:
@@ -148,12 +204,10 @@ def install(
     if not gpu:
         drop_in = _remove(root / "etc/systemd/system/edgecow.service.d/gpu.conf", dry_run)
         changes += [drop_in] if drop_in.action == "remove" else []
+        changes += _remove_empty_drop_in_dir(root, dry_run)
     if not dry_run and _manages_live_system(root):
-        _run("systemd-sysusers", "/etc/sysusers.d/edgecow.conf")
-        _run("systemd-tmpfiles", "--create", "/etc/tmpfiles.d/edgecow.conf")
-        _run("systemctl", "daemon-reload")
-        if enable is not False:
-            _run("systemctl", "enable", UNIT_NAME)
+        for step in install_steps(enable):
+            _run(*step.split())
     return changes
 
 
@@ -168,9 +222,7 @@ def uninstall(root: Path = Path("/"), *, dry_run: bool = False) -> list[Change]:
     if live:
         _run("systemctl", "disable", "--now", UNIT_NAME)
     changes = [change for rel in _INSTALLED if (change := _remove(root / rel, dry_run)).action == "remove"]
-    drop_in_dir = root / "etc/systemd/system/edgecow.service.d"
-    if not dry_run and drop_in_dir.is_dir() and not any(drop_in_dir.iterdir()):
-        drop_in_dir.rmdir()
+    changes += _remove_empty_drop_in_dir(root, dry_run)
     changes += [Change(root / rel, "keep") for rel in _KEPT if (root / rel).exists()]
     if live:
         _run("systemctl", "daemon-reload")
@@ -202,13 +254,19 @@ def _remove(path: Path, dry_run: bool) -> Change:
     return Change(path, "remove")
 
 
+def _remove_empty_drop_in_dir(root: Path, dry_run: bool) -> list[Change]:
+    """The unit's drop-in directory, once nothing but a removed gpu.conf was in it."""
+    directory = root / "etc/systemd/system/edgecow.service.d"
+    # A dry run has not removed gpu.conf yet; a real run has.
+    if not directory.is_dir() or any(p.name != "gpu.conf" for p in directory.iterdir()):
+        return []
+    if not dry_run:
+        directory.rmdir()
+    return [Change(directory, "remove")]
+
+
 def _manages_live_system(root: Path) -> bool:
-    return (
-        root.resolve() == Path("/")
-        and os.geteuid() == 0
-        and Path("/run/systemd/system").is_dir()
-        and shutil.which("systemctl") is not None
-    )
+    return not_live_reason(root) is None
 
 
 def _run(*cmd: str) -> None:

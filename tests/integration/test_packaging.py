@@ -207,7 +207,8 @@ def test_server_commands_without_the_server_extra_say_what_to_install(venv: Venv
 
 @pytest.mark.slow
 def test_install_systemd_from_the_wheel_writes_the_shipped_units(venv: Venv, tmp_path: Path) -> None:
-    result = venv.run("edgecow", "install-systemd", "--root", str(tmp_path), "--gpu")
+    # --force: the test's venv lives under /tmp, which the unit hides (a real install is refused there).
+    result = venv.run("edgecow", "install-systemd", "--root", str(tmp_path), "--gpu", "--force")
     assert result.returncode == 0, result.stderr
 
     exec_start = f"{venv.python} -m edge_server serve --config /etc/edgecow/edgecow.toml"

@@ -16,7 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from edge_server.install import DEFAULT_CONFIG, Change, default_exec_start, install, render_unit, uninstall
+from edge_server import cli
+from edge_server import install as install_module
+from edge_server.install import (
+    DEFAULT_CONFIG,
+    Change,
+    default_exec_start,
+    hidden_from_service,
+    install,
+    render_unit,
+    uninstall,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -132,7 +142,8 @@ def test_uninstall_removes_what_install_wrote_and_keeps_the_config(tmp_path: Pat
     changes = actions(uninstall(tmp_path), tmp_path)
 
     assert changes == {
-        UNIT: "remove", GPU_DROP_IN: "remove", SYSUSERS: "remove", TMPFILES: "remove", CONFIG: "keep"
+        UNIT: "remove", GPU_DROP_IN: "remove", str(Path(GPU_DROP_IN).parent): "remove", SYSUSERS: "remove",
+        TMPFILES: "remove", CONFIG: "keep",
     }
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == [CONFIG]
     assert not (tmp_path / GPU_DROP_IN).parent.exists()
@@ -240,3 +251,90 @@ def test_sysusers_and_tmpfiles_snippets_create_the_user_and_repository(tmp_path:
     assert models.is_dir()
     assert models.stat().st_mode & 0o777 == 0o750
     assert models.stat().st_uid == int(user[2])
+
+
+@pytest.mark.parametrize(
+    ("path", "hidden_by"),
+    [("/tmp/venv/bin/python", "PrivateTmp=yes"), ("/var/tmp/x/python3", "PrivateTmp=yes"),
+     ("/home/ana/.venv/bin/python", "ProtectHome=yes"), ("/root/.pyenv/bin/python3", "ProtectHome=yes")],
+)
+def test_paths_the_unit_hides_are_named_with_the_setting(path: str, hidden_by: str) -> None:
+    reason = hidden_from_service(Path(path))
+    assert reason is not None and hidden_by in reason and path in reason
+
+
+def test_paths_the_service_sees_pass(tmp_path: Path) -> None:
+    assert hidden_from_service(Path("/opt/edgecow/bin/python")) is None
+    assert hidden_from_service(Path("/usr/bin/python3")) is None
+
+
+def test_a_symlink_into_a_hidden_directory_is_caught(tmp_path: Path) -> None:
+    if hidden_from_service(tmp_path) is None:
+        pytest.skip(f"the test's temporary directory {tmp_path} is not one the unit hides")
+    link = Path("/usr/local/bin") / f"edgecow-test-{os.getpid()}"
+    if not os.access(link.parent, os.W_OK):
+        pytest.skip(f"{link.parent} is not writable to place a link outside the hidden directories")
+    link.symlink_to(tmp_path / "python")
+    try:
+        assert hidden_from_service(link) is not None
+    finally:
+        link.unlink()
+
+
+def test_install_systemd_refuses_a_hidden_interpreter_with_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sys, "executable", "/home/someone/venv/bin/python")
+    assert cli.main(["install-systemd", "--root", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "/home/someone/venv/bin/python" in err and "ProtectHome=yes" in err
+    assert "python3 -m venv /opt/edgecow" in err and "--force" in err
+    assert not (tmp_path / UNIT).exists()
+
+    assert cli.main(["install-systemd", "--root", str(tmp_path), "--force"]) == 0
+    assert "/home/someone/venv/bin/python -m edge_server" in (tmp_path / UNIT).read_text()
+
+
+def test_staging_says_which_live_steps_it_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(install_module, "check_visible_to_service", lambda: None)
+    assert cli.main(["install-systemd", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for step in ("systemd-sysusers", "systemd-tmpfiles --create", "systemctl daemon-reload", "systemctl enable"):
+        assert any(line.startswith("skipped") and step in line and "staging root" in line
+                   for line in out.splitlines()), out
+    assert cli.main(["uninstall-systemd", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert any(line.startswith("skipped") and "systemctl disable --now" in line for line in out.splitlines()), out
+
+
+def test_the_empty_drop_in_directory_goes_with_the_gpu_drop_in(tmp_path: Path) -> None:
+    drop_in_dir = tmp_path / GPU_DROP_IN
+    install(tmp_path, gpu=True)
+    dry = actions(install(tmp_path, dry_run=True), tmp_path)
+    assert dry[str(Path(GPU_DROP_IN).parent)] == "remove"
+    assert drop_in_dir.exists()
+    install(tmp_path)  # without --gpu: the drop-in and its directory go
+    assert not drop_in_dir.parent.exists()
+    install(tmp_path, gpu=True)
+    uninstall(tmp_path)
+    assert not drop_in_dir.parent.exists()
+    assert (tmp_path / "etc/systemd/system").is_dir()
+
+
+def test_a_drop_in_directory_holding_the_admins_files_stays(tmp_path: Path) -> None:
+    install(tmp_path, gpu=True)
+    own = tmp_path / "etc/systemd/system/edgecow.service.d/limits.conf"
+    own.write_text("[Service]\nMemoryMax=2G\n")
+    uninstall(tmp_path)
+    assert own.exists()
+
+
+def test_uninstall_help_describes_its_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["uninstall-systemd", "--help"])
+    out = capsys.readouterr().out
+    assert "--root ROOT  remove from this staging directory" in " ".join(out.split()) or "staging" in out
+    assert "--dry-run" in out and "remove nothing" in out
+    assert "config" in out
