@@ -49,17 +49,20 @@ def same_answer(name: str, got: object, want: np.ndarray, exact: bool = True) ->
 
 
 def interleaved(variants: Mapping[str, Callable[[], object]], iterations: int, warmup: int) -> dict[str, np.ndarray]:
-    """Seconds per call for each variant, calls taken in turn (the starting variant rotates every round),
-    so that a noisy neighbour slows every variant alike instead of whichever happened to run then."""
+    """Seconds per call for each variant, calls taken in turn, so that a noisy neighbour slows every variant
+    alike instead of whichever happened to run then. The starting variant rotates every round and every
+    other cycle of rounds runs in reverse, so each variant follows each other one equally often: what one
+    call leaves behind (onnxruntime's threads spinning on after a run, caches) lands on all of them alike."""
     names = list(variants)
     for name in names:
         for _ in range(warmup):
             variants[name]()
     samples: dict[str, list[float]] = {name: [] for name in names}
     clock = time.perf_counter
+    n = len(names)
     for i in range(iterations):
-        for j in range(len(names)):
-            name = names[(i + j) % len(names)]
+        order = [names[(i + j) % n] for j in range(n)]
+        for name in reversed(order) if (i // n) % 2 else order:
             call = variants[name]
             start = clock()
             call()
