@@ -62,6 +62,7 @@ def _processes_using(path: str) -> list[psutil.Process]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_bench_quick_run_prints_every_table_and_stops_its_servers(scratch: str) -> None:
     env = {**os.environ, "TMPDIR": scratch}  # every server socket, repository and notify socket lands here

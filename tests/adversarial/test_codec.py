@@ -176,7 +176,9 @@ def messages(draw: st.DrawFn) -> bytes:
     return bytes(data)
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# 500 new messages a run (about 3 s): every run explores others, and what one finds joins CASES below.
+@pytest.mark.slow
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(messages())
 @example(tag(9, 3) + tag(1, 0) + b"\x01" + tag(9, 4))  # an unknown group: protobuf keeps it
 @example(tag(7, 2, pad=5) + b"\x01A")  # a 6-byte tag: protobuf refuses it

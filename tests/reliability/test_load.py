@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psutil
+import pytest
 from conftest import ServerProcess
 from reliability_helpers import our_shm_entries, registered_names, v2_stub
 from reliability_load_worker import worker
@@ -22,6 +23,7 @@ CALLS = 300  # per worker, between the two readings
 MAX_RSS_GROWTH = 0.02
 
 
+@pytest.mark.slow
 def test_eight_clients_mixed_transports_and_models(server: ServerProcess, wait_until: Callable[..., Any]) -> None:
     context = multiprocessing.get_context("spawn")  # no fork of this process's gRPC threads
     barrier = context.Barrier(WORKERS + 1)
