@@ -10,6 +10,7 @@ a call holds the ModelRuntime it started with, so it finishes on the old session
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import re
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.toml"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+MAX_SUGGESTED_NAME = 128  # the longest name NAME_PATTERN allows
 # A version is written in ASCII digits without a leading zero: str.isdigit() also passes superscripts,
 # circled and Arabic-Indic digits, and '01' would name version 1 a second way. 18 digits keep it inside int64.
 VERSION_PATTERN = re.compile(r"[1-9][0-9]{0,17}")
@@ -368,7 +370,7 @@ class ModelStore:
                 reason = entry.error or next(iter(entry.failures.values()), "")
             if reason:
                 raise Unavailable(f"model {name!r} is not available: {reason}")
-            raise NotFound(f"model {name!r} is not loaded; call RepositoryIndex to see the models this server has")
+            raise NotFound(f"model {name!r} is not loaded; {self._suggest(name)}")
         versions = entry.versions
         if not version:
             return versions[max(versions)]
@@ -382,6 +384,15 @@ class ModelStore:
             loaded = ", ".join(str(v) for v in sorted(versions))
             raise NotFound(f"model {name!r} has no loaded version {version}; loaded versions: {loaded}")
         return model
+
+    def _suggest(self, name: str) -> str:
+        """The end of a not-found message: the known names closest to `name`, and where to see them all."""
+        # Bounded: a long name costs difflib quadratic time, and no model name is longer than this.
+        known = set(self._entries) | set(self.repository.model_names())
+        near = difflib.get_close_matches(name[:MAX_SUGGESTED_NAME], known, n=3)
+        if near:
+            return f"did you mean {' or '.join(repr(n) for n in near)}? see `edgecow models list`"
+        return "see `edgecow models list` (RepositoryIndex) for the models this server has"
 
     def loaded_versions(self, name: str) -> list[ModelRuntime]:
         """Every loaded ModelRuntime of `name`, oldest version first; NOT_FOUND (or UNAVAILABLE, with the

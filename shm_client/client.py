@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,13 +29,16 @@ from .shared import datatypes
 from .shared._proto import edgecow_pb2, edgecow_pb2_grpc
 from .shared._proto import inference_pb2 as pb
 from .shared._proto import inference_pb2_grpc as pb_grpc
-from .shared.errors import EdgecowError, InvalidArgument, from_rpc_error
+from .shared.errors import EdgecowError, InvalidArgument, ServerUnreachable, from_rpc_error
 from .shared.segments import CLIENT_PREFIX, process_alive, sweep_dead
 
 log = logging.getLogger("edgecow.client")
 
 DEFAULT_TCP = "localhost:8001"
 TRANSPORTS = ("auto", "shm", "grpc")
+# Seconds between shared-memory proofs while an "auto" client on a unix socket uses gRPC: the server may
+# have started (or restarted with shared memory) since the last proof failed.
+REPROBE_INTERVAL = 5.0
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
 
 
@@ -90,10 +94,15 @@ class EdgeClient:
         transport: str = "auto",
         timeout: float | None = None,
         root_certificates: bytes | None = None,
+        reprobe_interval: float = REPROBE_INTERVAL,
     ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, not {transport!r}")
+        if not reprobe_interval > 0:
+            raise ValueError(f"reprobe_interval must be a positive number of seconds, not {reprobe_interval!r}")
         self.target = resolve_target(target)
+        # Found by looking for the local sockets (none was there): an unreachable server names them too.
+        self._searched = not (target or os.environ.get("EDGECOW_TARGET"))
         self.timeout = timeout
         if root_certificates is not None:
             credentials = grpc.ssl_channel_credentials(root_certificates)
@@ -113,6 +122,8 @@ class EdgeClient:
         self._session = ShmSession(Stubs(self._stub, self._edgecow, model_infer))
         self._requested = transport
         self._transport: str | None = None if transport != "grpc" else "grpc"
+        self._reprobe_interval = reprobe_interval
+        self._next_probe = math.inf  # monotonic time of the next proof while on gRPC; inf = never
         self._lock = threading.Lock()
         self._metadata: dict[tuple[str, str], pb.ModelMetadataResponse] = {}
         self._warned = False
@@ -138,22 +149,57 @@ class EdgeClient:
     # -- transport -------------------------------------------------------------------------------------
     @property
     def transport(self) -> str:
-        """"shm" or "grpc": what infer() uses, decided by a probe on first use."""
+        """"shm" or "grpc": what infer() uses, decided by a probe on first use.
+
+        An "auto" client on a unix socket that fell back to gRPC proves again at most every
+        `reprobe_interval` seconds; a shared-memory client proves again on the call after it lost its
+        server, and one interval after a call had to fall back to gRPC.
+        """
         if self._transport is None:
             with self._lock:
                 if self._transport is None:
                     self._transport = self._probe()
+        elif time.monotonic() >= self._next_probe and self._lock.acquire(blocking=False):
+            # One thread proves; the others go on over gRPC meanwhile instead of waiting for it.
+            try:
+                if time.monotonic() >= self._next_probe:
+                    self._transport = self._probe()
+            finally:
+                self._lock.release()
         return self._transport
 
     def _probe(self) -> str:
         proven, reason = self._session.prove()
         if proven:
+            self._next_probe = math.inf
             return "shm"
         if self._requested == "shm":
             raise EdgecowError(f"shared memory with the server at {self.target} cannot be used: {reason}",
                                grpc.StatusCode.FAILED_PRECONDITION)
         log.debug("using gRPC transport: %s", reason)
+        local = self.target.startswith("unix:")
+        self._next_probe = time.monotonic() + self._reprobe_interval if local else math.inf
         return "grpc"
+
+    def _lost_server(self, err: ServerUnreachable) -> EdgecowError:
+        """What a call that found no server raises: the address(es) tried and how to start one. A client
+        that used shared memory proves it again on its next call (a restarted server knows none of its
+        regions, and may have started without shared memory)."""
+        if self._requested != "grpc" and self._transport == "shm":
+            self._session.forget_registrations()
+            self._transport = None
+        if err.target:
+            return err
+        tried = f"{self.target} ({err.cause})"
+        if self._searched:
+            sockets = ", ".join(str(path) for path in default_socket_candidates())
+            tried += f", and there is no server socket at {sockets}"
+        if err.cause.lower() == "permission denied":
+            fix = ("this user may not use that socket: join the group that owns it (usually `edgecow`) and log "
+                   "in again; `edgecow doctor` checks the rest")
+        else:
+            fix = "start the server with `edgecow serve`, or see why it stopped with `systemctl status edgecow`"
+        return ServerUnreachable(f"no edgecow server answers at {tried}; {fix}", self.target)
 
     # -- metadata --------------------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -170,7 +216,10 @@ class EdgeClient:
         try:
             return method(request, timeout=timeout if timeout is not None else self.timeout)
         except grpc.RpcError as err:
-            raise from_rpc_error(err) from None
+            error = from_rpc_error(err)
+            if isinstance(error, ServerUnreachable):
+                raise self._lost_server(error) from None
+            raise error from None
 
     def ready(self, model: str | None = None, version: str | None = None) -> bool:
         """Whether the server (or `model`) is ready; False when the server cannot be reached."""
@@ -186,6 +235,18 @@ class EdgeClient:
         """Every model the server knows: name, version, state and (when not ready) reason."""
         index = self._call(self._stub.RepositoryIndex, pb.RepositoryIndexRequest())
         return [{"name": m.name, "version": m.version, "state": m.state, "reason": m.reason} for m in index.models]
+
+    def load_model(self, model: str) -> None:
+        """Load (or reload from disk) `model` on the server; only callers on the server's machine may."""
+        self._call(self._stub.RepositoryModelLoad, pb.RepositoryModelLoadRequest(model_name=model))
+
+    def unload_model(self, model: str) -> None:
+        """Unload `model` on the server; only callers on the server's machine may."""
+        self._call(self._stub.RepositoryModelUnload, pb.RepositoryModelUnloadRequest(model_name=model))
+
+    def reload_repository(self) -> str:
+        """Have the server rescan its repository as SIGHUP does; returns what it serves afterwards."""
+        return self._call(self._edgecow.ReloadRepository, edgecow_pb2.ReloadRepositoryRequest()).summary
 
     def metadata(self, model: str, version: str | int | None = None) -> dict[str, Any]:
         """Inputs and outputs of a model: {"name", "versions", "platform", "inputs": [...], "outputs": [...]},
@@ -265,7 +326,12 @@ class EdgeClient:
                 results = self._infer_shm(model, version, arrays, outputs,
                                           timeout if timeout is not None else self.timeout)
                 return ZeroCopyResult(results) if zero_copy else results
+            except ServerUnreachable as err:
+                raise self._lost_server(err) from None
             except ShmFailure as failure:
+                # Maybe the server lost shared memory (restarted with --no-shm, or in another namespace):
+                # prove it again after the interval rather than fail over to gRPC on every call.
+                self._next_probe = min(self._next_probe, time.monotonic() + self._reprobe_interval)
                 if not self._warned:
                     self._warned = True
                     log.warning("shared memory failed (%s); this call and later failures go over gRPC", failure)

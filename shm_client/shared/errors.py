@@ -64,8 +64,28 @@ class Aborted(EdgecowError):
     code = grpc.StatusCode.ABORTED
 
 
+class ServerUnreachable(Unavailable):
+    """No server listens at the target: the call never reached one. `target` is the address tried, once
+    the client has said so in the message ("" while the message is still gRPC's own)."""
+
+    def __init__(self, message: str, target: str = "") -> None:
+        super().__init__(message)
+        self.target = target
+
+    @property
+    def cause(self) -> str:
+        """What the connection attempt ran into, e.g. "Connection refused" or "Permission denied"."""
+        return self.message.rpartition(": ")[2].strip() or self.message
+
+
+# What gRPC says when it could not connect at all, as opposed to a server answering UNAVAILABLE.
+_NOT_CONNECTED = "failed to connect to all addresses"
+
+
 def from_rpc_error(err: grpc.RpcError) -> EdgecowError:
     """The EdgecowError a failed call stands for, keeping the server's code and message."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = err.details() if hasattr(err, "details") else str(err)
+    if code == grpc.StatusCode.UNAVAILABLE and _NOT_CONNECTED in (details or ""):
+        return ServerUnreachable(details or _NOT_CONNECTED)
     return EdgecowError(details or str(code), code)
