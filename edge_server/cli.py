@@ -92,13 +92,25 @@ def _parser() -> argparse.ArgumentParser:
                                         "only when shared memory works.")
     doctor.add_argument("--target", help=target_help)
 
-    models = sub.add_parser("models", help="list or import models")
+    models = sub.add_parser("models", help="list, import, load or unload models")
     models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     listing = models_sub.add_parser("list", help="models, versions, inputs/outputs and state")
     listing.add_argument("--target", help=target_help)
     listing.add_argument("--model-repository", type=Path,
                          help="inspect this directory instead of asking a running server")
     listing.add_argument("--json", action="store_true", help="print JSON")
+    for action, text in (("load", "load a model, or reload it from disk, on the running server"),
+                         ("unload", "unload a model on the running server")):
+        control = models_sub.add_parser(action, help=text,
+                                        description=f"{text[0].upper()}{text[1:]} (local callers only).")
+        control.add_argument("model")
+        control.add_argument("--target", help=target_help)
+
+    reload = sub.add_parser("reload", help="have the running server rescan its repository, as SIGHUP does",
+                            description="Loaded models follow their files, new models load (when the server "
+                                        "serves every model), removed ones unload. Local callers only.")
+    reload.add_argument("--target", help=target_help)
+
     importing = models_sub.add_parser("import", help="validate an ONNX file and add it as the next version")
     importing.add_argument("file", type=Path)
     importing.add_argument("--name", required=True, help="model name")
@@ -132,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         "status": _status,
         "doctor": _doctor,
         "models": _models,
+        "reload": _reload,
         "install-systemd": _install,
         "uninstall-systemd": _uninstall,
     }
@@ -264,7 +277,27 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
+    if args.models_command in ("load", "unload"):
+        return _models_control(args)
     return _models_import(args) if args.models_command == "import" else _models_list(args)
+
+
+def _models_control(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.models_command == "load":
+            client.load_model(args.model)
+        else:
+            client.unload_model(args.model)
+        rows = [row for row in client.models() if row["name"] == args.model]
+    states = ", ".join(f"v{row['version'] or '-'} {row['state']}" for row in rows) or "not in the repository"
+    print(f"{args.models_command}ed {args.model}: {states}")
+    return 0
+
+
+def _reload(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        print(f"reloaded: {client.reload_repository()}")
+    return 0
 
 
 def _models_list(args: argparse.Namespace) -> int:

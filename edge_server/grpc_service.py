@@ -342,14 +342,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise NotFound(f"repository {name!r} is not served here; leave repository_name empty")
 
     def _check_control(self, context: grpc.ServicerContext, action: str) -> None:
-        if not self._local(context) and not self.state.settings.shm_allow_remote:
-            raise PermissionDenied(f"only callers on this machine may {action}")
-        if self.state.settings.poll_interval > 0:
-            # The next scan would undo the call within poll_interval seconds; Triton refuses it the same way.
-            raise Unavailable(
-                "explicit model load / unload is not allowed if polling is enabled; change the repository on "
-                "disk instead, or run the server without --poll-interval"
-            )
+        check_repository_control(self.state, context, action)
 
     # -- system shared memory --------------------------------------------------------------------------
     def _check_shm(self, context: grpc.ServicerContext) -> None:
@@ -420,8 +413,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         raise Unimplemented("log settings cannot be changed at run time; use --log-level")
 
 
+def check_repository_control(state: ServerState, context: grpc.ServicerContext, action: str) -> None:
+    """Repository control (load, unload, reload) is for local callers, and only while the server does not poll."""
+    if not is_local_peer(context.peer(), state.settings.local_peers) and not state.settings.shm_allow_remote:
+        raise PermissionDenied(f"only callers on this machine may {action}")
+    if state.settings.poll_interval > 0:
+        # The next scan would undo the call within poll_interval seconds; Triton refuses it the same way.
+        raise Unavailable(
+            "explicit model load / unload is not allowed if polling is enabled; change the repository on "
+            "disk instead, or run the server without --poll-interval"
+        )
+
+
 class EdgecowServicer(edgecow_pb2_grpc.EdgecowServiceServicer):
-    """edgecow.v1.EdgecowService: the shared-memory probe and status figures."""
+    """edgecow.v1.EdgecowService: the shared-memory probe, status figures and the repository rescan."""
 
     def __init__(self, state: ServerState) -> None:
         self.state = state
@@ -473,6 +478,17 @@ class EdgecowServicer(edgecow_pb2_grpc.EdgecowServiceServicer):
             )
         status.add_host_figures(response, started=state.started, show_pid=local)
         return response
+
+    @handled
+    def ReloadRepository(
+        self, request: edgecow_pb2.ReloadRepositoryRequest, context: grpc.ServicerContext
+    ) -> edgecow_pb2.ReloadRepositoryResponse:
+        check_repository_control(self.state, context, "reload the repository")
+        store = self.state.store
+        store.reload_all()
+        names = ", ".join(f"{m.name}:{m.version}" for m in store.loaded()) or "no models"
+        log.info("reloaded on request: %s", names)
+        return edgecow_pb2.ReloadRepositoryResponse(summary=f"{len(store.loaded())} model version(s) [{names}]")
 
 
 class _Captured:

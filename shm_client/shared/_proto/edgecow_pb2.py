@@ -26,27 +26,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _edgecow_pool.POOL.AddSerializedFile(b'\n\redgecow.proto\x12\nedgecow.v1\"6\n\x18ProbeSharedMemoryRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x0c\"\x95\x01\n\x19ProbeSharedMemoryResponse\x12\x0f\n\x07matched\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nbeacon_key\x18\x03 \x01(\t\x12\x15\n\rbeacon_sha256\x18\x04 \x01(\x0c\x12\x18\n\x10\x62\x65\x61\x63on_byte_size\x18\x05 \x01(\x04\x12\x12\n\nlocal_lane\x18\x06 \x01(\t\"\x12\n\x10GetStatusRequest\"k\n\x0bLoadedModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tproviders\x18\x03 \x03(\t\x12\x17\n\x0finference_count\x18\x04 \x01(\x04\x12\x11\n\tin_flight\x18\x05 \x01(\x04\"\x82\x01\n\x0eProcessFigures\x12\x0b\n\x03pid\x18\x01 \x01(\x03\x12\x11\n\trss_bytes\x18\x02 \x01(\x04\x12\x13\n\x0b\x63pu_percent\x18\x03 \x01(\x01\x12\x0f\n\x07threads\x18\x04 \x01(\r\x12\x12\n\nopen_files\x18\x05 \x01(\r\x12\x16\n\x0euptime_seconds\x18\x06 \x01(\x01\"\xaa\x01\n\rSystemFigures\x12\x1a\n\x12memory_total_bytes\x18\x01 \x01(\x04\x12\x1e\n\x16memory_available_bytes\x18\x02 \x01(\x04\x12\x13\n\x0b\x63pu_percent\x18\x03 \x01(\x01\x12\x17\n\x0fshm_total_bytes\x18\x04 \x01(\x04\x12\x16\n\x0eshm_free_bytes\x18\x05 \x01(\x04\x12\x17\n\x0fload_average_1m\x18\x06 \x01(\x01\"\xa6\x02\n\x11GetStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x11\n\tlisteners\x18\x02 \x03(\t\x12\x1b\n\x13\x61vailable_providers\x18\x03 \x03(\t\x12\'\n\x06models\x18\x04 \x03(\x0b\x32\x17.edgecow.v1.LoadedModel\x12\x1a\n\x12registered_regions\x18\x05 \x01(\r\x12\x14\n\x0cmapped_bytes\x18\x06 \x01(\x04\x12+\n\x07process\x18\x07 \x01(\x0b\x32\x1a.edgecow.v1.ProcessFigures\x12)\n\x06system\x18\x08 \x01(\x0b\x32\x19.edgecow.v1.SystemFigures\x12\x1d\n\x15shared_memory_enabled\x18\t \x01(\x08\x32\xc0\x01\n\x0e\x45\x64gecowService\x12\x62\n\x11ProbeSharedMemory\x12$.edgecow.v1.ProbeSharedMemoryRequest\x1a%.edgecow.v1.ProbeSharedMemoryResponse\"\x00\x12J\n\tGetStatus\x12\x1c.edgecow.v1.GetStatusRequest\x1a\x1d.edgecow.v1.GetStatusResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _edgecow_pool.POOL.AddSerializedFile(b'\n\redgecow.proto\x12\nedgecow.v1\"\x19\n\x17ReloadRepositoryRequest\"+\n\x18ReloadRepositoryResponse\x12\x0f\n\x07summary\x18\x01 \x01(\t\"6\n\x18ProbeSharedMemoryRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x0c\"\x95\x01\n\x19ProbeSharedMemoryResponse\x12\x0f\n\x07matched\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nbeacon_key\x18\x03 \x01(\t\x12\x15\n\rbeacon_sha256\x18\x04 \x01(\x0c\x12\x18\n\x10\x62\x65\x61\x63on_byte_size\x18\x05 \x01(\x04\x12\x12\n\nlocal_lane\x18\x06 \x01(\t\"\x12\n\x10GetStatusRequest\"k\n\x0bLoadedModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tproviders\x18\x03 \x03(\t\x12\x17\n\x0finference_count\x18\x04 \x01(\x04\x12\x11\n\tin_flight\x18\x05 \x01(\x04\"\x82\x01\n\x0eProcessFigures\x12\x0b\n\x03pid\x18\x01 \x01(\x03\x12\x11\n\trss_bytes\x18\x02 \x01(\x04\x12\x13\n\x0b\x63pu_percent\x18\x03 \x01(\x01\x12\x0f\n\x07threads\x18\x04 \x01(\r\x12\x12\n\nopen_files\x18\x05 \x01(\r\x12\x16\n\x0euptime_seconds\x18\x06 \x01(\x01\"\xaa\x01\n\rSystemFigures\x12\x1a\n\x12memory_total_bytes\x18\x01 \x01(\x04\x12\x1e\n\x16memory_available_bytes\x18\x02 \x01(\x04\x12\x13\n\x0b\x63pu_percent\x18\x03 \x01(\x01\x12\x17\n\x0fshm_total_bytes\x18\x04 \x01(\x04\x12\x16\n\x0eshm_free_bytes\x18\x05 \x01(\x04\x12\x17\n\x0fload_average_1m\x18\x06 \x01(\x01\"\xa6\x02\n\x11GetStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x11\n\tlisteners\x18\x02 \x03(\t\x12\x1b\n\x13\x61vailable_providers\x18\x03 \x03(\t\x12\'\n\x06models\x18\x04 \x03(\x0b\x32\x17.edgecow.v1.LoadedModel\x12\x1a\n\x12registered_regions\x18\x05 \x01(\r\x12\x14\n\x0cmapped_bytes\x18\x06 \x01(\x04\x12+\n\x07process\x18\x07 \x01(\x0b\x32\x1a.edgecow.v1.ProcessFigures\x12)\n\x06system\x18\x08 \x01(\x0b\x32\x19.edgecow.v1.SystemFigures\x12\x1d\n\x15shared_memory_enabled\x18\t \x01(\x08\x32\xa1\x02\n\x0e\x45\x64gecowService\x12\x62\n\x11ProbeSharedMemory\x12$.edgecow.v1.ProbeSharedMemoryRequest\x1a%.edgecow.v1.ProbeSharedMemoryResponse\"\x00\x12J\n\tGetStatus\x12\x1c.edgecow.v1.GetStatusRequest\x1a\x1d.edgecow.v1.GetStatusResponse\"\x00\x12_\n\x10ReloadRepository\x12#.edgecow.v1.ReloadRepositoryRequest\x1a$.edgecow.v1.ReloadRepositoryResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edgecow_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROBESHAREDMEMORYREQUEST']._serialized_start=29
-  _globals['_PROBESHAREDMEMORYREQUEST']._serialized_end=83
-  _globals['_PROBESHAREDMEMORYRESPONSE']._serialized_start=86
-  _globals['_PROBESHAREDMEMORYRESPONSE']._serialized_end=235
-  _globals['_GETSTATUSREQUEST']._serialized_start=237
-  _globals['_GETSTATUSREQUEST']._serialized_end=255
-  _globals['_LOADEDMODEL']._serialized_start=257
-  _globals['_LOADEDMODEL']._serialized_end=364
-  _globals['_PROCESSFIGURES']._serialized_start=367
-  _globals['_PROCESSFIGURES']._serialized_end=497
-  _globals['_SYSTEMFIGURES']._serialized_start=500
-  _globals['_SYSTEMFIGURES']._serialized_end=670
-  _globals['_GETSTATUSRESPONSE']._serialized_start=673
-  _globals['_GETSTATUSRESPONSE']._serialized_end=967
-  _globals['_EDGECOWSERVICE']._serialized_start=970
-  _globals['_EDGECOWSERVICE']._serialized_end=1162
+  _globals['_RELOADREPOSITORYREQUEST']._serialized_start=29
+  _globals['_RELOADREPOSITORYREQUEST']._serialized_end=54
+  _globals['_RELOADREPOSITORYRESPONSE']._serialized_start=56
+  _globals['_RELOADREPOSITORYRESPONSE']._serialized_end=99
+  _globals['_PROBESHAREDMEMORYREQUEST']._serialized_start=101
+  _globals['_PROBESHAREDMEMORYREQUEST']._serialized_end=155
+  _globals['_PROBESHAREDMEMORYRESPONSE']._serialized_start=158
+  _globals['_PROBESHAREDMEMORYRESPONSE']._serialized_end=307
+  _globals['_GETSTATUSREQUEST']._serialized_start=309
+  _globals['_GETSTATUSREQUEST']._serialized_end=327
+  _globals['_LOADEDMODEL']._serialized_start=329
+  _globals['_LOADEDMODEL']._serialized_end=436
+  _globals['_PROCESSFIGURES']._serialized_start=439
+  _globals['_PROCESSFIGURES']._serialized_end=569
+  _globals['_SYSTEMFIGURES']._serialized_start=572
+  _globals['_SYSTEMFIGURES']._serialized_end=742
+  _globals['_GETSTATUSRESPONSE']._serialized_start=745
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1039
+  _globals['_EDGECOWSERVICE']._serialized_start=1042
+  _globals['_EDGECOWSERVICE']._serialized_end=1331
 # @@protoc_insertion_point(module_scope)

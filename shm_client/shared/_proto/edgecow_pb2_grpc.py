@@ -45,6 +45,11 @@ class EdgecowServiceStub:
                 request_serializer=edgecow__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=edgecow__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.ReloadRepository = channel.unary_unary(
+                '/edgecow.v1.EdgecowService/ReloadRepository',
+                request_serializer=edgecow__pb2.ReloadRepositoryRequest.SerializeToString,
+                response_deserializer=edgecow__pb2.ReloadRepositoryResponse.FromString,
+                _registered_method=True)
 
 
 class EdgecowServiceServicer:
@@ -67,6 +72,15 @@ class EdgecowServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReloadRepository(self, request, context):
+        """Rescans the model repository as SIGHUP does: loaded models follow their files, new models load (when
+        the server serves every model), models whose directory is gone unload. Local callers only, like
+        RepositoryModelLoad; refused while the server polls the repository itself.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EdgecowServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +93,11 @@ def add_EdgecowServiceServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=edgecow__pb2.GetStatusRequest.FromString,
                     response_serializer=edgecow__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'ReloadRepository': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadRepository,
+                    request_deserializer=edgecow__pb2.ReloadRepositoryRequest.FromString,
+                    response_serializer=edgecow__pb2.ReloadRepositoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,6 +154,33 @@ class EdgecowService:
             '/edgecow.v1.EdgecowService/GetStatus',
             edgecow__pb2.GetStatusRequest.SerializeToString,
             edgecow__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadRepository(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgecow.v1.EdgecowService/ReloadRepository',
+            edgecow__pb2.ReloadRepositoryRequest.SerializeToString,
+            edgecow__pb2.ReloadRepositoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

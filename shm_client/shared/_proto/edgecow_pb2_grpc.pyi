@@ -42,6 +42,11 @@ class EdgecowServiceStub:
     """
     GetStatus: _grpc.UnaryUnaryMultiCallable[_edgecow_pb2.GetStatusRequest, _edgecow_pb2.GetStatusResponse]
     """Server, model, region and process figures for `edgecow status` and monitoring."""
+    ReloadRepository: _grpc.UnaryUnaryMultiCallable[_edgecow_pb2.ReloadRepositoryRequest, _edgecow_pb2.ReloadRepositoryResponse]
+    """Rescans the model repository as SIGHUP does: loaded models follow their files, new models load (when
+    the server serves every model), models whose directory is gone unload. Local callers only, like
+    RepositoryModelLoad; refused while the server polls the repository itself.
+    """
 
 @_typing.type_check_only
 class EdgecowServiceAsyncStub(EdgecowServiceStub):
@@ -54,6 +59,11 @@ class EdgecowServiceAsyncStub(EdgecowServiceStub):
     """
     GetStatus: _aio.UnaryUnaryMultiCallable[_edgecow_pb2.GetStatusRequest, _edgecow_pb2.GetStatusResponse]  # type: ignore[assignment]
     """Server, model, region and process figures for `edgecow status` and monitoring."""
+    ReloadRepository: _aio.UnaryUnaryMultiCallable[_edgecow_pb2.ReloadRepositoryRequest, _edgecow_pb2.ReloadRepositoryResponse]  # type: ignore[assignment]
+    """Rescans the model repository as SIGHUP does: loaded models follow their files, new models load (when
+    the server serves every model), models whose directory is gone unload. Local callers only, like
+    RepositoryModelLoad; refused while the server polls the repository itself.
+    """
 
 class EdgecowServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -75,5 +85,16 @@ class EdgecowServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_edgecow_pb2.GetStatusResponse, _abc.Awaitable[_edgecow_pb2.GetStatusResponse]]:
         """Server, model, region and process figures for `edgecow status` and monitoring."""
+
+    @_abc_1.abstractmethod
+    def ReloadRepository(
+        self,
+        request: _edgecow_pb2.ReloadRepositoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_edgecow_pb2.ReloadRepositoryResponse, _abc.Awaitable[_edgecow_pb2.ReloadRepositoryResponse]]:
+        """Rescans the model repository as SIGHUP does: loaded models follow their files, new models load (when
+        the server serves every model), models whose directory is gone unload. Local callers only, like
+        RepositoryModelLoad; refused while the server polls the repository itself.
+        """
 
 def add_EdgecowServiceServicer_to_server(servicer: EdgecowServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
