@@ -315,11 +315,12 @@ def _validate(settings: Settings) -> None:
     if unknown:
         raise _refuse(settings, "local_peers",
                       f"local_peers may hold 'unix' and 'loopback', not {sorted(unknown)[0]!r}")
-    listen = settings.listen.strip()
-    if listen.lower() not in _DISABLED:
-        host, _, port = listen.rpartition(":")
-        if not host or not port.isdigit() or int(port) > 65535:
-            raise _refuse(settings, "listen", f"listen {settings.listen!r} is not HOST:PORT (or 'none')")
+    for name in ("listen", "metrics_listen"):
+        listen = getattr(settings, name).strip()
+        if listen.lower() not in _DISABLED:
+            host, _, port = listen.rpartition(":")
+            if not host or not port.isdigit() or int(port) > 65535:
+                raise _refuse(settings, name, f"{name} {listen!r} is not HOST:PORT (or 'none')")
     for name in ("workers", "max_inflight_per_model", "shm_max_regions"):
         if getattr(settings, name) < 1:
             raise _refuse(settings, name, f"setting {name!r} must be at least 1")
