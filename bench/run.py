@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import sys
 import tempfile
 import time
@@ -37,12 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     parts = list(PARTS) if args.part == "all" else [args.part]
     print(f"edgecow bench: {', '.join(parts)}{' (quick)' if args.quick else ''}; "
           f"python {sys.version.split()[0]}, onnxruntime {ort.__version__}, protobuf {api_implementation.Type()}, "
-          f"{multiprocessing.cpu_count()} CPUs")
+          f"{multiprocessing.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     began = time.perf_counter()
     for part in parts:
         part_began = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix=f"edgecow-bench-{part}-") as tmp:
             PARTS[part](args, Path(tmp))
         print(f"({part}: {time.perf_counter() - part_began:.1f} s)")
-    print(f"\nbench done in {time.perf_counter() - began:.0f} s")
+    # The load says how far to trust this run's absolute figures; the ratios were taken side by side.
+    print(f"\nbench done in {time.perf_counter() - began:.0f} s; load average now {os.getloadavg()[0]:.1f}")
     return 0
