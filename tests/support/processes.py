@@ -1,7 +1,7 @@
-"""Child processes the tests and the bench start: an edgecow server on a temporary socket, pumped output.
+"""Child processes the tests start: an edgecow server on a temporary socket, its output collected by a thread.
 
-    server = ServerProcess(repo, tmp_path).start()           # repo=None: the packaged example models
-    EdgeClient(server.unix_target).infer("scale", {"x": x}); server.stop()
+    with ServerProcess(repo, tmp_path) as server:            # or .start() ... .stop()
+        EdgeClient(server.unix_target).infer("scale", {"x": x})
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-
-import psutil
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LISTEN_PATTERN = re.compile(r"listening on (\S+)")
@@ -67,9 +65,6 @@ class ChildProcess:
     def log(self) -> str:
         return "\n".join(self.lines)
 
-    def rss(self) -> int:
-        return psutil.Process(self.pid).memory_info().rss
-
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
@@ -109,14 +104,13 @@ class ServerProcess(ChildProcess):
 
     ready_marker = "ready: "
 
-    def __init__(self, repo: Path | None, workdir: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        self.repo = None if repo is None else Path(repo)
+    def __init__(self, repo: Path, workdir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.repo = Path(repo)
         self.socket = Path(workdir) / "edgecow.sock"
         self.args = list(args)
         self.listeners: list[str] = []
-        repo_args = [] if self.repo is None else ["--model-repository", str(self.repo)]
         super().__init__(
-            [sys.executable, "-m", "edge_server", "serve", *repo_args,
+            [sys.executable, "-m", "edge_server", "serve", "--model-repository", str(self.repo),
              "--socket", str(self.socket), "--listen", "127.0.0.1:0", *self.args],
             env=env,
         )
