@@ -23,9 +23,7 @@ import onnxruntime as ort
 import psutil
 
 from edge_server.runtime import resolve_providers
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import models  # the tests' ONNX builders (tests/models.py)
+from tests.support import models  # the tests' ONNX builders
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
