@@ -15,19 +15,14 @@ import pytest
 
 from shm_client.shared.segments import Segment
 from tests.support import waiting
-from tests.support.arrays import random_array
-from tests.support.certs import self_signed
 from tests.support.gate import Gate
 from tests.support.models import build_repository
-from tests.support.processes import REPO_ROOT, ServerProcess
+from tests.support.processes import ServerProcess
 from tests.support.shm import TEST_PREFIX, owned_segments
 
 # Every server the tests start (ServerProcess, the CLI, an installed wheel) serves its metrics on a free port:
 # the default 127.0.0.1:8002 would clash between servers running at once.
 os.environ.setdefault("EDGECOW_METRICS_LISTEN", "127.0.0.1:0")
-
-# Re-exported while test files still import them from here; tests/support is where they live.
-__all__ = ["REPO_ROOT", "ServerProcess", "build_repository", "owned_segments", "random_array", "self_signed"]
 
 
 @pytest.fixture(scope="session")

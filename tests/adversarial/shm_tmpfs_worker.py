@@ -20,14 +20,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
-import models
 import numpy as np
-from conftest import ServerProcess
 from onnx import TensorProto
 
 from shm_client.shared._proto import inference_pb2 as pb
 from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
 from shm_client.shared.segments import SHM_DIR, Segment
+from tests.support import models
+from tests.support.processes import ServerProcess
 
 FALLOC_FL_KEEP_SIZE = 1
 FALLOC_FL_PUNCH_HOLE = 2

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerProcess
 from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -20,6 +19,7 @@ from hypothesis import strategies as st
 from edge_server.convert import decode_infer_request
 from shm_client.shared import wire
 from shm_client.shared._proto import inference_pb2 as pb
+from tests.support.processes import ServerProcess
 
 # ---------------------------------------------------------------------------------------------------
 # Encoding helpers: any varint, written in its shortest form or padded, or with bits past 64.

@@ -19,13 +19,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, ServerProcess, owned_segments
-from transport_helpers import in_flight, lane_path, scale_request, v2_stub
 
 from edge_server.config import ConfigError, load_settings
 from shm_client import EdgeClient
 from shm_client.shared._proto import inference_pb2 as pb
 from shm_client.shared.framing import recv_frame, send_frame
+from tests.support.processes import REPO_ROOT, ServerProcess
+from tests.support.shm import owned_segments
+from tests.support.stubs import in_flight, scale_request, v2_stub
 
 READ_TIMEOUT = 1.0
 BUFFER_BUDGET = 2_000_000
@@ -46,7 +47,7 @@ def lane_server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 def _connect(server: ServerProcess) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(15)
-    sock.connect(str(lane_path(server)))
+    sock.connect(str(server.lane_path))
     return sock
 
 
@@ -200,7 +201,7 @@ def test_a_lane_caller_killed_mid_call_has_its_call_cancelled(lane_server: Serve
         _shm_input(request, "x", "FP32", [4], 0, 16)
         _shm_input(request, "gate", "INT32", [1], 64, 4)
         caller = subprocess.Popen(
-            [sys.executable, "-c", DYING_CALLER, str(lane_path(lane_server))],
+            [sys.executable, "-c", DYING_CALLER, str(lane_server.lane_path)],
             stdin=subprocess.PIPE, cwd=REPO_ROOT,
         )
         try:
@@ -228,11 +229,11 @@ def test_a_second_server_on_a_colliding_lane_path_refuses_to_start(model_repo: P
         # "edgecow" and "edgecow.sock" share the stem, so both servers would put their lane at edgecow-lane.sock.
         second = ServerProcess(model_repo, tmp_path, "--socket", str(tmp_path / "edgecow")).start()
         assert second.wait(30) != 0
-        assert f"another server is already listening on {lane_path(first)}" in second.log
+        assert f"another server is already listening on {first.lane_path}" in second.log
         assert "--no-local-lane" in second.log
         assert "loaded model" not in second.log  # refused before a minute of model loading
         assert not (tmp_path / "edgecow").exists()
-        assert lane_path(first).is_socket() and _serves(first)
+        assert first.lane_path.is_socket() and _serves(first)
     finally:
         assert first.stop() == 0
 

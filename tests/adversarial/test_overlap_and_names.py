@@ -12,10 +12,11 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerProcess, owned_segments
 
 from shm_client.shared._proto import inference_pb2 as pb
 from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
+from tests.support.processes import ServerProcess
+from tests.support.shm import owned_segments
 
 PREFIX = f"advovl-{os.getpid()}-"
 MANY = 8000

@@ -16,11 +16,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerProcess, owned_segments
 
 from shm_client.shared import datatypes, wire
 from shm_client.shared._proto import inference_pb2 as pb
 from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
+from tests.support.processes import ServerProcess
+from tests.support.shm import owned_segments
 
 MiB = 1 << 20
 PREFIX = f"advmem-{os.getpid()}-"

@@ -21,10 +21,11 @@ import textwrap
 import grpc
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, ServerProcess, owned_segments
 
 from shm_client.shared._proto import inference_pb2 as pb
 from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
+from tests.support.processes import REPO_ROOT, ServerProcess
+from tests.support.shm import owned_segments
 
 ATTACK = """
 import json, os, sys

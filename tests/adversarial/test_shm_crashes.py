@@ -21,18 +21,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import models
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, ServerProcess, owned_segments
 from onnx import TensorProto, helper
 
 from shm_client.shared._proto import edgecow_pb2, edgecow_pb2_grpc
 from shm_client.shared._proto import inference_pb2 as pb
 from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
 from shm_client.shared.segments import SHM_DIR
+from tests.support import models
+from tests.support.processes import REPO_ROOT, ServerProcess
+from tests.support.shm import owned_segments
 
-TESTS = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "shm_tmpfs_worker.py"
 PRIVATE_SHM = "mount -t tmpfs -o size=8m tmpfs /dev/shm"
 KEY_PREFIX = f"edgecow-test-{os.getpid()}-crash-"
@@ -56,7 +56,7 @@ def _attack(scenario: str, workdir: Path) -> dict:
         "unshare", "-m", "sh", "-c", f'{PRIVATE_SHM} && exec "$@"', "sh",
         sys.executable, str(WORKER), scenario, str(workdir),
     ]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO_ROOT)])}
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}  # the worker imports tests.support
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -130,7 +130,7 @@ def touching_gate_model(max_rounds: int = 5_000_000) -> object:
             helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
         ],
     )
-    return models._model(graph)
+    return models.onnx_model(graph)
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
-import models
 import numpy as np
 import pytest
-from conftest import ServerProcess, owned_segments
 from onnx import TensorProto
 
 from edge_server.regions import pid_alive
@@ -25,6 +23,9 @@ from shm_client import EdgeClient
 from shm_client.shared._proto import inference_pb2 as pb
 from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
 from shm_client.shared.segments import CLIENT_PREFIX, PID_MAX_LIMIT, SERVER_PREFIX, SHM_DIR, owner_pid, process_alive
+from tests.support import models
+from tests.support.processes import ServerProcess
+from tests.support.shm import owned_segments
 
 TAG = f"names{os.getpid()}"
 KEY_PREFIX = f"edgecow-test-{os.getpid()}-names-"

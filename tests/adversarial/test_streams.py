@@ -9,11 +9,12 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerProcess
-from transport_helpers import IdleStream, Notify, in_flight, live, scale_answers, v2_stub
 
 from edge_server.config import ConfigError, load_settings
 from tests.support.gate import inline_gate_request
+from tests.support.notify import NotifyListener
+from tests.support.processes import ServerProcess
+from tests.support.stubs import IdleStream, in_flight, live, scale_answers, v2_stub
 
 WORKERS = 8
 
@@ -21,7 +22,7 @@ WORKERS = 8
 def test_idle_streams_leave_health_unary_calls_and_the_watchdog_alone(
     model_repo, tmp_path, wait_until
 ) -> None:
-    notify = Notify(tmp_path / "notify")
+    notify = NotifyListener(tmp_path / "notify")
     server = ServerProcess(
         model_repo, tmp_path, "--workers", str(WORKERS), "--max-streams", "3", "--max-streams-per-peer", "2",
         env=notify.env(watchdog_usec=400_000),

@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import grpc
 import numpy as np
-from conftest import ServerProcess, self_signed
-from transport_helpers import Notify, live, scale_answers, v2_stub
 
 from shm_client import EdgeClient
 from shm_client.shared._proto import inference_pb2 as pb
 from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
+from tests.support.certs import self_signed
 from tests.support.gate import inline_gate_request
+from tests.support.notify import NotifyListener
+from tests.support.processes import ServerProcess
+from tests.support.stubs import live, scale_answers, v2_stub
 
 WATCHDOG_USEC = 400_000  # a ping every 0.2 s while the check passes
 
 
 def test_watchdog_pings_with_tls_on_tcp_and_no_unix_socket(model_repo, tmp_path) -> None:
     cert, key = self_signed(tmp_path)
-    notify = Notify(tmp_path / "notify")
+    notify = NotifyListener(tmp_path / "notify")
     server = ServerProcess(
         model_repo, tmp_path, "--socket", "none", "--tls-cert", str(cert), "--tls-key", str(key),
         env=notify.env(WATCHDOG_USEC),
@@ -47,7 +49,7 @@ def _busy(stub: pb_grpc.GRPCInferenceServiceStub) -> bool:
 
 def test_watchdog_pings_while_every_worker_runs_a_long_call(model_repo, tmp_path, wait_until) -> None:
     workers = 4
-    notify = Notify(tmp_path / "notify")
+    notify = NotifyListener(tmp_path / "notify")
     server = ServerProcess(
         model_repo, tmp_path, "--workers", str(workers), "--max-inflight-per-model", "1",
         env=notify.env(WATCHDOG_USEC),

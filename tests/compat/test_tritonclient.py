@@ -13,12 +13,13 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
-from conftest import ServerProcess, random_array
 from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
 from shm_client.shared._proto import inference_pb2 as pb
 from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
+from tests.support.arrays import random_array
+from tests.support.processes import ServerProcess
 
 IDENTITY_CASES = [
     ("identity_float", "FP32", "float32"),

@@ -11,15 +11,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import models
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import ServerProcess
 from onnx import TensorProto
 from tritonclient.utils import InferenceServerException
 
 from shm_client import EdgeClient, EdgecowError
+from tests.support import models
+from tests.support.processes import ServerProcess
 
 
 @pytest.fixture(scope="module")

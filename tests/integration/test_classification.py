@@ -13,17 +13,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import models
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
-from conftest import ServerProcess
 from onnx import TensorProto
 from tritonclient.utils import InferenceServerException
 
 from shm_client.shared._proto import inference_pb2 as pb
 from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
+from tests.support import models
+from tests.support.processes import ServerProcess
 
 LABELS = ["cat", "dog", "", "bird", "fish"]  # class 2 has an empty line: no label, as Triton
 KEY_PREFIX = f"edgecow-cls-{os.getpid()}-"

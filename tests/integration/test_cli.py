@@ -10,11 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import models
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, ServerProcess
 from onnx import TensorProto
+
+from tests.support import models
+from tests.support.processes import REPO_ROOT, ServerProcess
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -15,14 +15,14 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import models
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import REPO_ROOT, ServerProcess
 
 from edge_server.custom_ops import extensions_library
 from shm_client import EdgeClient
+from tests.support import models
+from tests.support.processes import REPO_ROOT, ServerProcess
 
 TEXT = np.array([b"hello  wide world", b"edge cow", "d\u00e9j\u00e0 vu".encode()], dtype=object)
 

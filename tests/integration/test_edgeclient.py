@@ -13,10 +13,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerProcess, random_array
 
 from shm_client import EdgeClient
 from shm_client.shared.errors import EdgecowError, InvalidArgument
+from tests.support.arrays import random_array
+from tests.support.processes import ServerProcess
 
 IDENTITY_DTYPES = {
     "identity_float": "float32",

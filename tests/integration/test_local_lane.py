@@ -13,22 +13,18 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerProcess
 
 from shm_client import EdgeClient, EdgecowError
 from shm_client.shared._proto import inference_pb2 as pb
 from shm_client.shared.framing import recv_frame, send_frame
-
-
-def _lane_path(server: ServerProcess) -> Path:
-    return server.socket.with_name(f"{server.socket.stem}-lane.sock")
+from tests.support.processes import ServerProcess
 
 
 def test_a_shared_memory_client_runs_its_calls_on_the_lane(server: ServerProcess) -> None:
     x = np.arange(64, dtype=np.float32)
     with EdgeClient(server.unix_target) as client:
         assert client.transport == "shm"
-        assert client._session._lane_path == str(_lane_path(server).resolve())
+        assert client._session._lane_path == str(server.lane_path.resolve())
         np.testing.assert_array_equal(client.infer("scale", {"x": x}, version=2)["y"], x * 2)
         assert client._session._lane_local.conn is not None  # the call went through this thread's lane connection
         with pytest.raises(EdgecowError) as wrong:
@@ -63,7 +59,7 @@ def test_tcp_clients_are_not_offered_the_lane(model_repo: Path, tmp_path: Path) 
 def lane_socket(server: ServerProcess) -> Iterator[socket.socket]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(10)
-    sock.connect(str(_lane_path(server)))
+    sock.connect(str(server.lane_path))
     yield sock
     sock.close()
 
@@ -93,7 +89,7 @@ def test_an_oversized_message_is_refused_before_it_is_read(lane_socket: socket.s
 def test_without_the_lane_shared_memory_calls_go_over_grpc(model_repo: Path, tmp_path: Path) -> None:
     server = ServerProcess(model_repo, tmp_path, "--no-local-lane").start()
     try:
-        assert not _lane_path(server).exists()
+        assert not server.lane_path.exists()
         with EdgeClient(server.unix_target) as client:
             x = np.ones(8, np.float32)
             np.testing.assert_array_equal(client.infer("scale", {"x": x}, version=2)["y"], x * 2)

@@ -13,13 +13,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerProcess
 
 from shm_client import EdgeClient
 from shm_client.shared._proto import edgecow_pb2, edgecow_pb2_grpc
 from shm_client.shared._proto import inference_pb2 as pb
 from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
 from shm_client.shared.segments import Segment, unique_key
+from tests.support.processes import ServerProcess
 
 
 @pytest.fixture(scope="module")

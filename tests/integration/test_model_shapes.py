@@ -12,16 +12,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import models
 import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import ServerProcess
 from onnx import TensorProto
 from tritonclient.utils import InferenceServerException
 
 from shm_client import EdgeClient, EdgecowError
+from tests.support import models
+from tests.support.processes import ServerProcess
 
 
 @pytest.fixture(scope="module")

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, ServerProcess
 
 from shm_client.shared._proto import edgecow_pb2_grpc, inference_pb2_grpc
+from tests.support.processes import REPO_ROOT, ServerProcess
 
 if sys.version_info >= (3, 11):
     import tomllib

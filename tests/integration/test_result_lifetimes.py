@@ -14,9 +14,9 @@ import queue
 import threading
 
 import numpy as np
-from conftest import ServerProcess
 
 from shm_client import EdgeClient
+from tests.support.processes import ServerProcess
 
 A = np.arange(16, dtype=np.float32).reshape(1, 16)
 

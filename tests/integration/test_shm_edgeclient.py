@@ -20,12 +20,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, ServerProcess, random_array
 
 from shm_client import EdgeClient, ZeroCopyResult
 from shm_client.shared._proto import inference_pb2 as pb
 from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
 from shm_client.shared.segments import SHM_DIR
+from tests.support.arrays import random_array
+from tests.support.processes import REPO_ROOT, ServerProcess
 
 IDENTITY_DTYPES = ["float32", "float64", "float16", "bool", "int8", "int16", "int32", "int64",
                    "uint8", "uint16", "uint32", "uint64", "object"]

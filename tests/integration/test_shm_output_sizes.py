@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import models
 import numpy as np
-from conftest import ServerProcess
 from onnx import TensorProto, helper
 
 from shm_client import EdgeClient
+from tests.support import models
+from tests.support.processes import ServerProcess
 
 
 def _nonzero_model():

@@ -9,9 +9,9 @@ import gc
 
 import numpy as np
 import pytest
-from conftest import ServerProcess
 
 from shm_client import EdgeClient
+from tests.support.processes import ServerProcess
 
 
 def test_preallocated_input_is_referenced_in_place_and_not_copied(server: ServerProcess) -> None:

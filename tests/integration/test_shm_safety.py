@@ -13,7 +13,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerProcess, owned_segments
 
 from shm_client import EdgeClient
 from shm_client.shared._proto import edgecow_pb2, edgecow_pb2_grpc
@@ -21,6 +20,8 @@ from shm_client.shared._proto import inference_pb2 as pb
 from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
 from shm_client.shared.segments import SHM_DIR, Segment
 from tests.support.gate import Call
+from tests.support.processes import ServerProcess
+from tests.support.shm import owned_segments
 from tests.support.stubs import non_loopback_ipv4
 
 KEY_PREFIX = f"edgecow-test-{os.getpid()}-safety-"

@@ -10,7 +10,7 @@ import signal
 import time
 from pathlib import Path
 
-from conftest import ServerProcess
+from tests.support.processes import ServerProcess
 
 
 def test_a_storm_of_sighup_then_sigterm_still_exits_cleanly(model_repo: Path, tmp_path: Path) -> None:

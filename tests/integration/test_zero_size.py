@@ -15,13 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import models
 import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as triton_shm
-from conftest import ServerProcess, random_array
 from onnx import TensorProto
 from tritonclient import utils as triton_utils
 
@@ -30,6 +28,9 @@ from shm_client.shared import datatypes
 from shm_client.shared._proto import inference_pb2 as pb
 from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
 from shm_client.shared.segments import SHM_DIR
+from tests.support import models
+from tests.support.arrays import random_array
+from tests.support.processes import ServerProcess
 
 # ONNX element type -> numpy dtype, every one the v2 protocol carries (BF16 has no numpy type).
 ELEMENT_TYPES = {

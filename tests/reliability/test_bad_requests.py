@@ -16,22 +16,13 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerProcess
-from reliability_helpers import (
-    TEST_PREFIX,
-    answers,
-    make_segment,
-    non_loopback_ipv4,
-    our_shm_entries,
-    registered_names,
-    rpc_error,
-    segments_fixture,  # noqa: F401 (the `segments` fixture)
-    v2_stub,
-)
 
 from edge_server.grpc_service import is_local_peer
 from shm_client.shared._proto import inference_pb2 as pb
 from tests.support.gate import Call, Gate
+from tests.support.processes import ServerProcess
+from tests.support.shm import TEST_PREFIX, make_segment, our_shm_entries
+from tests.support.stubs import live, non_loopback_ipv4, registered_names, rpc_error, v2_stub
 
 C = grpc.StatusCode
 F32_16 = np.arange(16, dtype=np.float32).reshape(1, 16)
@@ -433,7 +424,7 @@ def test_bad_request_is_refused_cleanly(env: Env, case: Case) -> None:
     for word in case.words:
         assert word in details, f"{case.id}: {word!r} not in {details!r}"
     assert "/dev/shm" not in details and str(env.server.repo) not in details
-    assert answers(env.stub)
+    assert live(env.stub)
     assert registered_names(env.stub) == names_before
     assert our_shm_entries({env.server.pid}) == shm_before
     assert env.server.alive()

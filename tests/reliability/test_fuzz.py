@@ -12,13 +12,14 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import ServerProcess
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reliability_helpers import TEST_PREFIX, make_segment, our_shm_entries, registered_names, v2_stub
 
 from shm_client.shared._proto import inference_pb2 as pb
 from shm_client.shared.datatypes import DATATYPES
+from tests.support.processes import ServerProcess
+from tests.support.shm import TEST_PREFIX, make_segment, our_shm_entries
+from tests.support.stubs import registered_names, v2_stub
 
 REGION = "fuzz-region"
 REGION_BYTES = 1 << 16

@@ -13,9 +13,11 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import ServerProcess
-from reliability_helpers import our_shm_entries, registered_names, v2_stub
 from reliability_load_worker import worker
+
+from tests.support.processes import ServerProcess
+from tests.support.shm import our_shm_entries
+from tests.support.stubs import registered_names, v2_stub
 
 WORKERS = 8
 WARM_CALLS = 450  # per worker, before the first memory reading (allocator arenas and pools settle)

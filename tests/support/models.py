@@ -342,6 +342,21 @@ def contrib_strings_model() -> onnx.ModelProto:
     return onnx_model(graph, {CONTRIB_DOMAIN: 1}, check=False)  # onnx's checker knows no schema for it
 
 
+def concat_model() -> onnx.ModelProto:
+    """Two batched inputs, left FP32[batch, 2] and right FP32[batch, 3]; joined = their Concat along
+    axis 1, FP32[batch, 5]."""
+    graph = helper.make_graph(
+        [helper.make_node("Concat", ["left", "right"], ["joined"], axis=1)],
+        "concat",
+        [
+            helper.make_tensor_value_info("left", TensorProto.FLOAT, ["batch", 2]),
+            helper.make_tensor_value_info("right", TensorProto.FLOAT, ["batch", 3]),
+        ],
+        [helper.make_tensor_value_info("joined", TensorProto.FLOAT, ["batch", 5])],
+    )
+    return onnx_model(graph)
+
+
 def build_repository(root: Path) -> Path:
     """The repository most tests share: every datatype the tests need, two versions of `scale`, `gate`."""
     write_model(root, "scale", 1, scale_model(factor=1.0))

@@ -25,13 +25,10 @@ def v2_stub(target: str) -> pb_grpc.GRPCInferenceServiceStub:
     return pb_grpc.GRPCInferenceServiceStub(channel)
 
 
-def edgecow_stub(target: str) -> edgecow_pb2_grpc.EdgecowServiceStub:
-    return edgecow_pb2_grpc.EdgecowServiceStub(grpc.insecure_channel(target))
-
-
 def in_flight(target: str, model: str) -> int:
     """Calls of `model` the server is running now (ask over the unix socket: it sees every figure)."""
-    reply = edgecow_stub(target).GetStatus(edgecow_pb2.GetStatusRequest(), timeout=10)
+    with grpc.insecure_channel(target) as channel:  # closed at once: tests poll this in a loop
+        reply = edgecow_pb2_grpc.EdgecowServiceStub(channel).GetStatus(edgecow_pb2.GetStatusRequest(), timeout=10)
     return sum(m.in_flight for m in reply.models if m.name == model)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import models
 import numpy as np
 import onnx
 import pytest
@@ -19,6 +18,7 @@ from edge_server.graph_file import unshaped_tensors
 from edge_server.runtime import ModelOptions, ModelRuntime
 from shm_client.shared import wire
 from shm_client.shared._proto import inference_pb2 as pb
+from tests.support import models
 
 
 def _declared_unshaped(model: onnx.ModelProto) -> frozenset[str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from conftest import REPO_ROOT
+from tests.support.processes import REPO_ROOT
 
 
 def _imports(path: Path) -> set[str]:

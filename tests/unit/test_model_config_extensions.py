@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import models
 import numpy as np
 import onnx
 import pytest
@@ -21,6 +20,7 @@ from edge_server.config import ConfigError
 from edge_server.custom_ops import EXTENSIONS_DOMAIN, model_domains
 from edge_server.repository import ModelConfigFile, parse_model_config
 from shm_client.shared.errors import InvalidArgument
+from tests.support import models
 
 
 def _parse(tmp_path: Path, text: str) -> ModelConfigFile:

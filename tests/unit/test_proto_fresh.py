@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO_ROOT
+from tests.support.processes import REPO_ROOT
 
 COMMITTED = REPO_ROOT / "shm_client" / "shared" / "_proto"
 

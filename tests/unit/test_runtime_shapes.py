@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import models
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
 from edge_server.runtime import ModelOptions, ModelRuntime
+from tests.support import models
 
 
 def _load(tmp_path: Path, model: onnx.ModelProto) -> ModelRuntime:

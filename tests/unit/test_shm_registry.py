@@ -16,12 +16,12 @@ from collections.abc import Callable, Iterator
 import grpc
 import numpy as np
 import pytest
-from conftest import owned_segments
 
 from edge_server.grpc_service import is_local_peer
 from edge_server.regions import RegionRegistry, normalize_key, probe_client_segment
 from shm_client.shared.errors import EdgecowError
 from shm_client.shared.segments import CLIENT_PREFIX, SERVER_PREFIX, SHM_DIR, Segment, unique_key
+from tests.support.shm import owned_segments
 
 MakeSegment = Callable[..., Segment]
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import models
 import numpy as np
 import pytest
 
@@ -22,6 +21,7 @@ from edge_server.regions import RegionRegistry
 from edge_server.repository import ModelStore, Repository
 from edge_server.runtime import ModelOptions, ModelRuntime
 from shm_client.shared.segments import Segment, unique_key
+from tests.support import models
 
 STATIC_SHAPE = (4, 256)
 STATIC_BYTES = 4 * 256 * 4

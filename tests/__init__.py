@@ -1,0 +1,1 @@
+"""edgecow's test suite; what the tests share is in tests/support, the fixtures in conftest.py."""
