@@ -131,6 +131,7 @@ def _statistics(server: ServerProcess, model: str) -> pb.ModelStatistics:
     return reply.model_stats[0]
 
 
+@pytest.mark.slow  # eight perf_analyzer runs of about 3 s each
 @pytest.mark.parametrize("model", sorted(CASES))
 @pytest.mark.parametrize("streaming", [False, True], ids=["unary", "streaming"])
 @pytest.mark.parametrize("shared_memory", ["none", "system"])
