@@ -19,7 +19,7 @@ from tritonclient.utils import InferenceServerException
 
 from shm_client import EdgeClient, EdgecowError
 from tests.support import models
-from tests.support.processes import ServerProcess
+from tests.support.processes import ServerProcess, serving
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +42,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = ServerProcess(repo, tmp_path_factory.mktemp("srv")).start()
-    yield proc
-    assert proc.alive()
-    proc.stop()
+    yield from serving(repo, tmp_path_factory.mktemp("srv"))
 
 
 @pytest.fixture

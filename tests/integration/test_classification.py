@@ -23,7 +23,8 @@ from tritonclient.utils import InferenceServerException
 from shm_client.shared._proto import inference_pb2 as pb
 from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
 from tests.support import models
-from tests.support.processes import ServerProcess
+from tests.support.processes import ServerProcess, serving
+from tests.support.triton import triton_client
 
 LABELS = ["cat", "dog", "", "bird", "fish"]  # class 2 has an empty line: no label, as Triton
 KEY_PREFIX = f"edgecow-cls-{os.getpid()}-"
@@ -52,17 +53,12 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = ServerProcess(repo, tmp_path_factory.mktemp("srv")).start()
-    yield proc
-    assert proc.alive()
-    proc.stop()
+    yield from serving(repo, tmp_path_factory.mktemp("srv"))
 
 
 @pytest.fixture
 def triton(server: ServerProcess) -> Iterator[grpcclient.InferenceServerClient]:
-    client = grpcclient.InferenceServerClient(f"unix://{server.socket}")
-    yield client
-    client.close()
+    yield from triton_client(server)
 
 
 def _expected(values: np.ndarray, k: int, labels: list[str] = ()) -> list[bytes]:

@@ -22,7 +22,8 @@ import tritonclient.grpc as grpcclient
 from edge_server.custom_ops import extensions_library
 from shm_client import EdgeClient
 from tests.support import models
-from tests.support.processes import REPO_ROOT, ServerProcess
+from tests.support.processes import REPO_ROOT, ServerProcess, serving
+from tests.support.triton import triton_client
 
 TEXT = np.array([b"hello  wide world", b"edge cow", "d\u00e9j\u00e0 vu".encode()], dtype=object)
 
@@ -57,17 +58,12 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = ServerProcess(repo, tmp_path_factory.mktemp("srv")).start()
-    yield proc
-    assert proc.alive()
-    proc.stop()
+    yield from serving(repo, tmp_path_factory.mktemp("srv"))
 
 
 @pytest.fixture
 def triton(server: ServerProcess) -> Iterator[grpcclient.InferenceServerClient]:
-    client = grpcclient.InferenceServerClient(f"unix://{server.socket}")
-    yield client
-    client.close()
+    yield from triton_client(server)
 
 
 def _index(triton: grpcclient.InferenceServerClient) -> dict[str, dict]:

@@ -21,7 +21,8 @@ from tritonclient.utils import InferenceServerException
 
 from shm_client import EdgeClient, EdgecowError
 from tests.support import models
-from tests.support.processes import ServerProcess
+from tests.support.processes import ServerProcess, serving
+from tests.support.triton import triton_client
 
 
 @pytest.fixture(scope="module")
@@ -39,17 +40,12 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = ServerProcess(repo, tmp_path_factory.mktemp("srv")).start()
-    yield proc
-    assert proc.alive()
-    proc.stop()
+    yield from serving(repo, tmp_path_factory.mktemp("srv"))
 
 
 @pytest.fixture
 def triton(server: ServerProcess) -> Iterator[grpcclient.InferenceServerClient]:
-    client = grpcclient.InferenceServerClient(f"unix://{server.socket}")
-    yield client
-    client.close()
+    yield from triton_client(server)
 
 
 def _reference(repo: Path, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

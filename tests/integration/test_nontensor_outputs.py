@@ -18,7 +18,8 @@ from tritonclient.utils import InferenceServerException
 
 from shm_client import EdgeClient, EdgecowError
 from tests.support import models
-from tests.support.processes import ServerProcess
+from tests.support.processes import ServerProcess, serving
+from tests.support.triton import triton_client
 
 
 @pytest.fixture(scope="module")
@@ -32,17 +33,12 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = ServerProcess(repo, tmp_path_factory.mktemp("srv")).start()
-    yield proc
-    assert proc.alive()
-    proc.stop()
+    yield from serving(repo, tmp_path_factory.mktemp("srv"))
 
 
 @pytest.fixture
 def triton(server: ServerProcess) -> Iterator[grpcclient.InferenceServerClient]:
-    client = grpcclient.InferenceServerClient(f"unix://{server.socket}")
-    yield client
-    client.close()
+    yield from triton_client(server)
 
 
 FEATURES = np.array([[5.1, 3.5, 1.4], [0.2, 7.0, 3.2], [6.3, 3.3, 6.0]], np.float32)

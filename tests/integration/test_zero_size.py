@@ -30,7 +30,7 @@ from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
 from shm_client.shared.segments import SHM_DIR
 from tests.support import models
 from tests.support.arrays import random_array
-from tests.support.processes import ServerProcess
+from tests.support.processes import ServerProcess, serving
 
 # ONNX element type -> numpy dtype, every one the v2 protocol carries (BF16 has no numpy type).
 ELEMENT_TYPES = {
@@ -55,19 +55,13 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = ServerProcess(repo, tmp_path_factory.mktemp("srv")).start()
-    yield proc
-    assert proc.alive()
-    proc.stop()
+    yield from serving(repo, tmp_path_factory.mktemp("srv"))
 
 
 @pytest.fixture(scope="module")
 def laneless_server(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """Without the local lane, EdgeClient's shared-memory calls go over gRPC."""
-    proc = ServerProcess(repo, tmp_path_factory.mktemp("srv"), "--no-local-lane").start()
-    yield proc
-    assert proc.alive()
-    proc.stop()
+    yield from serving(repo, tmp_path_factory.mktemp("srv"), "--no-local-lane")
 
 
 @pytest.fixture

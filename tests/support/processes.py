@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -139,3 +140,15 @@ class ServerProcess(ChildProcess):
     def lane_path(self) -> Path:
         """The local lane's socket, beside the gRPC one."""
         return self.socket.with_name(f"{self.socket.stem}-lane.sock")
+
+
+def serving(repository: Path, workdir: Path, *args: str) -> Iterator[ServerProcess]:
+    """A module fixture's body: a server on `repository`, which must still be alive when the module is done.
+
+        @pytest.fixture(scope="module")
+        def server(repo, tmp_path_factory): yield from serving(repo, tmp_path_factory.mktemp("srv"))
+    """
+    proc = ServerProcess(repository, workdir, *args).start()
+    yield proc
+    assert proc.alive(), "the server died during the module's tests"
+    proc.stop()
