@@ -10,6 +10,7 @@ the rest is read from the admission gates, the region registry, the model store 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
@@ -198,6 +199,9 @@ class _QuietHandler(WSGIRequestHandler):
         """Scrapes every few seconds are not worth a log line each."""
 
 
+WAKE_TIMEOUT = 0.05  # seconds; how long stop() waits for each wake-up connection and then for the loop
+
+
 class _MetricsHttpServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True  # a scrape still running at shutdown does not hold the process
 
@@ -249,7 +253,15 @@ class MetricsEndpoint:
 
     def stop(self) -> None:
         if self._thread is not None:
-            self._httpd.shutdown()
+            # serve_forever notices shutdown() only when its poll wakes (every 0.5 s when idle); a connection
+            # of our own wakes it at once, so a stopping server does not wait out the poll.
+            stopper = threading.Thread(target=self._httpd.shutdown, name="edgecow-metrics-stop", daemon=True)
+            stopper.start()
+            address = self._httpd.server_address
+            while stopper.is_alive():
+                with contextlib.suppress(OSError):
+                    socket.create_connection((str(address[0]), int(address[1])), timeout=WAKE_TIMEOUT).close()
+                stopper.join(WAKE_TIMEOUT)
             self._thread.join()
         self._httpd.server_close()
 
