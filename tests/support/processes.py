@@ -35,27 +35,35 @@ class ChildProcess:
         self._ready = threading.Event()
 
     def start(self, timeout: float = 60.0) -> ChildProcess:
+        """Start the command and wait until it is ready; again after it has stopped, a new process."""
+        if self.alive():
+            raise RuntimeError(f"{self.cmd[1:4]} is already running; stop it before starting it again")
+        self._ready = threading.Event()  # a restart waits for its own ready line, not the last one's
+        self._restarting()
         self.proc = subprocess.Popen(
             self.cmd, cwd=REPO_ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
-        threading.Thread(target=self._pump, daemon=True).start()
+        threading.Thread(target=self._pump, args=(self.proc, self._ready), daemon=True).start()
         if not self._ready.wait(timeout):
             self.kill()
             raise RuntimeError(f"{self.cmd[1:4]} did not become ready in {timeout}s:\n{self.log}")
         return self
 
-    def _pump(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
+    def _pump(self, proc: subprocess.Popen[str], ready: threading.Event) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
             line = line.rstrip("\n")
             self.lines.append(line)
             self._line(line)
             if self.ready_marker in line:
-                self._ready.set()
-        self._ready.set()
+                ready.set()
+        ready.set()
 
     def _line(self, line: str) -> None:
         """Called for every output line before the ready check; subclasses pick out what they need."""
+
+    def _restarting(self) -> None:
+        """Called before each start; subclasses forget what the previous process told them."""
 
     @property
     def pid(self) -> int:
@@ -94,7 +102,7 @@ class ChildProcess:
             self.proc.wait(10)
 
     def __enter__(self) -> ChildProcess:
-        return self.start()
+        return self if self.alive() else self.start()  # `with proc.start():` starts it once
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -121,7 +129,10 @@ class ServerProcess(ChildProcess):
         return self
 
     def __enter__(self) -> ServerProcess:
-        return self.start()
+        return self if self.alive() else self.start()  # `with server.start():` starts it once
+
+    def _restarting(self) -> None:
+        self.listeners = []
 
     def _line(self, line: str) -> None:
         match = LISTEN_PATTERN.search(line)
