@@ -236,3 +236,16 @@ def test_serve_with_socket_none_listens_on_tcp_only(model_repo: Path, tmp_path: 
         assert result.returncode == 0, result.stderr
     finally:
         proc.stop()
+
+
+def test_a_reader_that_goes_away_ends_the_listing_quietly(server: ServerProcess) -> None:
+    """`edgecow models list | head`: the pipe closes before the listing is written; no traceback."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge_server", "models", "list", "--target", server.unix_target],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout is not None
+    proc.stdout.close()  # before the command has printed anything: it starts in a fraction of a second
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141, err
+    assert "Traceback" not in err
