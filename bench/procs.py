@@ -9,12 +9,7 @@ from __future__ import annotations
 import atexit
 import os
 import re
-import signal
-import socket
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import TypeVar
 
@@ -24,11 +19,9 @@ import psutil
 
 from edge_server.runtime import resolve_providers
 from tests.support import models  # the tests' ONNX builders
+from tests.support.processes import ChildProcess, EdgecowProcess
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-LISTEN_PATTERN = re.compile(r"listening on (\S+)")
-_C = TypeVar("_C", bound="_Child")
+_C = TypeVar("_C", bound="_Tracked")
 
 
 def build_repository(root: Path) -> Path:
@@ -57,90 +50,29 @@ def in_process_session(model: bytes | Path | None = None) -> ort.InferenceSessio
     return ort.InferenceSession(source, providers=server_providers())
 
 
-class _Child:
-    """A child process whose output is pumped on a thread; ready when `ready_marker` appears, or, with
-    `notify`, when READY=1 arrives on that NOTIFY_SOCKET (the datagram socket systemd would own).
-
-    Started once: `start()` on a running child returns it as it is, so `with child.start():` does not leave
-    a second process behind. Every child still running when the bench exits is stopped (atexit).
-    """
-
-    ready_marker = "ready"
-
-    def __init__(self, cmd: list[str], env: dict[str, str] | None = None, notify: Path | None = None) -> None:
-        self.cmd = cmd
-        inherited = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
-        self.env = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.notify = notify
-        if notify is not None:
-            self.env["NOTIFY_SOCKET"] = str(notify)
-        self.lines: list[str] = []
-        self.proc: subprocess.Popen[str] | None = None
-        self.ready_after = 0.0  # seconds from spawning the process to ready
-        self._ready = threading.Event()
+class _Tracked(ChildProcess):
+    """What the bench adds to the tests' launcher: started once (`with child.start():` leaves no second
+    process), stopped when the bench exits however it exits, a child that dies at start is an error, and
+    its memory and CPU time can be read."""
 
     def start(self: _C, timeout: float = 60.0) -> _C:
         if self.proc is not None:
             return self
-        listener = self._bind_notify()
-        began = time.perf_counter()
+        _RUNNING.add(self)
         try:
-            self.proc = subprocess.Popen(self.cmd, cwd=REPO_ROOT, env=self.env, stdout=subprocess.PIPE,
-                                         stderr=subprocess.STDOUT, text=True)
-            _RUNNING.add(self)
-            threading.Thread(target=self._pump, daemon=True).start()
-            ready = self._wait_notify(listener, timeout) if listener else self._ready.wait(timeout)
-            self.ready_after = time.perf_counter() - began
+            super().start(timeout)
         except BaseException:
             self.stop()
             raise
-        finally:
-            if listener is not None:
-                listener.close()
-        if not ready or self.proc.poll() is not None:
+        if not self.alive():
             self.stop()
             command = " ".join([Path(self.cmd[0]).name, *self.cmd[1:4]])
             raise RuntimeError(f"{command} did not become ready:\n" + "\n".join(self.lines[-30:]))
         return self
 
-    def _bind_notify(self) -> socket.socket | None:
-        if self.notify is None:
-            return None
-        self.notify.unlink(missing_ok=True)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        listener.bind(str(self.notify))
-        return listener
-
-    def _wait_notify(self, listener: socket.socket, timeout: float) -> bool:
-        """True once READY=1 arrives; False when the process exits first or `timeout` passes."""
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        listener.settimeout(0.1)
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                message = listener.recv(4096)
-            except TimeoutError:
-                continue
-            if b"READY=1" in message.split(b"\n"):
-                return True
-        return False
-
-    def _pump(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-            self._line(self.lines[-1])
-            if self.ready_marker in line:
-                self._ready.set()
-        self._ready.set()
-
-    def _line(self, line: str) -> None:
-        pass
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+    def stop(self, timeout: float = 30.0) -> int | None:
+        _RUNNING.discard(self)
+        return super().stop(timeout)
 
     def rss(self) -> int:
         return int(psutil.Process(self.pid).memory_info().rss)
@@ -150,25 +82,8 @@ class _Child:
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def stop(self, timeout: float = 30.0) -> None:
-        _RUNNING.discard(self)
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
 
-    def __enter__(self: _C) -> _C:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-_RUNNING: set[_Child] = set()
+_RUNNING: set[_Tracked] = set()
 
 
 @atexit.register
@@ -183,44 +98,28 @@ def edgecow_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "edge_server"]
 
 
-class EdgeServer(_Child):
+class EdgeServer(_Tracked, EdgecowProcess):
     """`python -m edge_server serve` on workdir/edgecow.sock and a free loopback port.
 
     `console=True` runs the `edgecow` script instead (what a user types); `notify=True` waits for READY=1 on
     workdir/notify.sock rather than for the log line.
     """
 
-    ready_marker = "ready: "
-
     def __init__(self, workdir: Path, repo: Path | None, *args: str, console: bool = False,
                  notify: bool = False) -> None:
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        self.socket = workdir / "edgecow.sock"
-        self.listeners: list[str] = []
+        socket_path = workdir / "edgecow.sock"
         repo_args = ["--model-repository", str(repo)] if repo is not None else []
         program = edgecow_command() if console else [sys.executable, "-m", "edge_server"]
         # Every listener on a free port, so that the bench's servers never clash with another server on the
         # box; given as a variable, which a server without that setting ignores.
         env = {"EDGECOW_METRICS_LISTEN": os.environ.get("EDGECOW_METRICS_LISTEN", "127.0.0.1:0")}
-        super().__init__([*program, "serve", *repo_args, "--socket", str(self.socket), "--listen", "127.0.0.1:0",
-                          *args], env=env, notify=workdir / "notify.sock" if notify else None)
-
-    def _line(self, line: str) -> None:
-        match = LISTEN_PATTERN.search(line)
-        if match:
-            self.listeners.append(match.group(1))
-
-    @property
-    def unix_target(self) -> str:
-        return f"unix://{self.socket}"
-
-    @property
-    def tcp_target(self) -> str:
-        return next(addr for addr in self.listeners if not addr.startswith("unix:"))
+        super().__init__([*program, "serve", *repo_args, "--socket", str(socket_path), "--listen", "127.0.0.1:0",
+                          *args], socket_path, env=env, notify=workdir / "notify.sock" if notify else None)
 
 
-class EchoServer(_Child):
+class EchoServer(_Tracked):
     def __init__(self, workdir: Path) -> None:
         self.socket = Path(workdir) / "echo.sock"
         super().__init__([sys.executable, "-m", "bench.echo", "--socket", str(self.socket)])

@@ -20,6 +20,7 @@ from pathlib import Path
 from bench import procs
 from bench.report import heading, mib, table, verdict
 from edge_server.config import EXAMPLES
+from tests.support.processes import REPO_ROOT
 
 READY_TARGET = 2.0  # seconds
 RSS_TARGET = 40e6  # bytes over the in-process session
@@ -41,7 +42,7 @@ def bundled_models() -> list[Path]:
 def in_process_rss(files: list[Path]) -> dict[str, int]:
     providers = ",".join(procs.server_providers())
     done = subprocess.run([sys.executable, "-m", "bench.footprint", providers, *map(str, files)],
-                          cwd=procs.REPO_ROOT, capture_output=True, text=True, timeout=120)
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
         raise SystemExit(f"bench: the in-process footprint child failed:\n{done.stderr[-2000:]}")
     result: dict[str, int] = json.loads(done.stdout.splitlines()[-1])
