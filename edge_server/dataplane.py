@@ -10,7 +10,6 @@ hands it back for the transport to serialise. It never knows which transport a r
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -90,14 +89,8 @@ class DataPlane:
         if uses_shm and not self.settings.shm_enabled:
             raise Unavailable("shared memory is disabled on this server; send the tensors in the request")
         t0 = time.monotonic_ns()
-        with contextlib.ExitStack() as held:
-            regions: dict[str, Region] = {}
-
-            def region(name: str) -> Region:
-                if name not in regions:
-                    regions[name] = held.enter_context(self.registry.use(name))
-                return regions[name]
-
+        region = HeldRegions(self.registry)
+        try:
             # Names first: a request can list any number of tensors, but once each must be one of the model's,
             # at most one per model input and output is left for the region and pairwise work below.
             _check_input_names(model, request.inputs)
@@ -116,6 +109,8 @@ class DataPlane:
                 for o in wanted
             ]
             del feeds, results, out_buffers
+        finally:
+            region.release_all()
         t3 = time.monotonic_ns()
         response = InferResponse(model.name, str(model.version), request.id, outputs)
         return response, (t1 - t0, t2 - t1, t3 - t2)
@@ -325,6 +320,32 @@ class DataPlane:
         return result
 
 
+class HeldRegions:
+    """The regions one call names, each held from its first use until release_all (a RegionLookup)."""
+
+    def __init__(self, registry: RegionRegistry) -> None:
+        self._registry = registry
+        self._held: dict[str, Region] = {}
+
+    def __call__(self, name: str) -> Region:
+        region = self._held.get(name)
+        if region is None:
+            region = self._held[name] = self._registry.acquire(name)
+        return region
+
+    def release_all(self) -> None:
+        """Release every region held; ABORTED (after releasing all) if one shrank during the call."""
+        held, self._held = self._held, {}
+        failure: EdgecowError | None = None
+        for region in held.values():
+            try:
+                self._registry.release(region)
+            except EdgecowError as err:
+                failure = failure or err
+        if failure is not None:
+            raise failure
+
+
 class _HeldBytes:
     """The bytes the server holds for one request's inputs (the message's raw tensors, decoded contents
     and BYTES elements; not shared-memory views), against max_request_bytes: typed contents and BYTES
@@ -406,14 +427,19 @@ def _check_no_overlap(request: InferRequest, region: RegionLookup) -> None:
 
     One sort and one sweep per object: O(n log n) in the number of tensors.
     """
-    spans = []
+    placed: list[tuple[bool, InputTensor | RequestedOutput, Region]] = []
     for is_output, items in ((False, request.inputs), (True, request.outputs)):
         for item in items:
             if item.shm is not None and item.shm.byte_size:
-                held = region(item.shm.region)
-                start = held.offset + item.shm.offset
-                what = f"{'output' if is_output else 'input'} {item.name!r}"
-                spans.append(_Span(held.identity, start, start + item.shm.byte_size, is_output, what))
+                placed.append((is_output, item, region(item.shm.region)))
+    if len({held.identity for _, _, held in placed}) == len(placed):
+        return  # every tensor in an object of its own (the usual case): nothing can overlap
+    spans = []
+    for is_output, item, held in placed:
+        assert item.shm is not None
+        start = held.offset + item.shm.offset
+        what = f"{'output' if is_output else 'input'} {item.name!r}"
+        spans.append(_Span(held.identity, start, start + item.shm.byte_size, is_output, what))
     spans.sort()
     reach: _Span | None = None  # of the spans so far on this object, the one that ends last
     output_reach: _Span | None = None  # the same among outputs

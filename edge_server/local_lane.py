@@ -160,7 +160,7 @@ class LocalLane:
         cancellation = Cancellation()
         try:
             with self._watcher.watching(conn, cancellation):
-                result = self.adapter.infer(self.adapter.decode(body), local=True, cancellation=cancellation)
+                result = self.adapter.infer_body(body, local=True, cancellation=cancellation)
         except EdgecowError as err:
             self._reply_error(conn, err)
             return

@@ -291,12 +291,15 @@ class RegionRegistry:
     # -- use during a call -----------------------------------------------------------------------------
     @contextlib.contextmanager
     def use(self, name: str) -> Iterator[Region]:
-        """Hold `name` for the length of a call: an unregister meanwhile waits for the release.
+        """Hold `name` for the length of a block (see acquire and release)."""
+        region = self.acquire(name)
+        try:
+            yield region
+        finally:
+            self.release(region)
 
-        A region whose object shrank while the call read or wrote it (see Region.faulted) fails the call
-        with ABORTED at the release, whatever else the call raised (it ran on zero pages), and is retired;
-        so does one that faulted in a concurrent call (the flag stays set). One flag read per call.
-        """
+    def acquire(self, name: str) -> Region:
+        """Hold `name` for the length of a call: an unregister meanwhile waits for the release."""
         with self._lock:
             region = self._regions.get(name)
             if region is None:
@@ -306,13 +309,19 @@ class RegionRegistry:
                     f"shared-memory region {name!r} is being unregistered; register a region for this call"
                 )
             region.users += 1
-        try:
-            yield region
-        finally:
-            faulted = region.faulted
-            self._release(region, retire=faulted)
-            if faulted:
-                raise _shrank(region)
+        return region
+
+    def release(self, region: Region) -> None:
+        """End a call's hold on `region`.
+
+        A region whose object shrank while the call read or wrote it (see Region.faulted) fails the call
+        with ABORTED here, whatever else the call raised (it ran on zero pages), and is retired; so does
+        one that faulted in a concurrent call (the flag stays set). One flag read per call.
+        """
+        faulted = region.faulted
+        self._release(region, retire=faulted)
+        if faulted:
+            raise _shrank(region)
 
     def _release(self, region: Region, retire: bool = False) -> None:
         with self._lock:

@@ -14,6 +14,7 @@ import ctypes
 import functools
 import logging
 import re
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,8 @@ PROBE_MODEL = Path(__file__).parent / "examples" / "probe.onnx"
 # onnxruntime's log severities (0 verbose .. 4 fatal).
 ORT_LOG_ERROR = 3
 ORT_LOG_FATAL = 4
+# numpy kinds bound to onnxruntime by address: booleans, integers and floats (not strings or objects).
+_BINDABLE_KINDS = frozenset("biuf")
 # onnxruntime logs at WARNING by default, which includes harmless notes about node placement.
 ort.set_default_logger_severity(ORT_LOG_ERROR)
 
@@ -195,6 +198,8 @@ class ModelRuntime:
     unserved_outputs: dict[str, str] = field(default_factory=dict)
     _by_name: dict[str, TensorSpec] = field(default_factory=dict, repr=False)
     _uses_strings: bool = False
+    # Each thread's last IOBinding with every tensor bound by address (see _reused_binding).
+    _threads: threading.local = field(default_factory=threading.local, repr=False)
 
     @classmethod
     def load(cls, name: str, version: int, path: Path, options: ModelOptions) -> ModelRuntime:
@@ -319,6 +324,39 @@ class ModelRuntime:
                 binding.bind_output(name, "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data)
         return binding, keep
 
+    def _reused_binding(
+        self,
+        feeds: Mapping[str, np.ndarray],
+        output_names: Sequence[str],
+        out_buffers: Mapping[str, np.ndarray],
+    ) -> ort.IOBinding | None:
+        """A binding of every input and output by address, reused by this thread while a call's buffers
+        are the last call's: the usual case over shared memory, where a caller's regions stay put call
+        after call, and binding costs more than a small model's run. None where the general path is
+        needed: an output onnxruntime allocates, an empty or non-contiguous array.
+
+        A binding holds addresses, not arrays, so it keeps no mapping alive; a call binds only buffers
+        it holds for its whole run, and the key compares every address, shape and type.
+        """
+        if len(out_buffers) != len(output_names):
+            return None
+        arrays = [*feeds.items(), *((name, out_buffers[name]) for name in output_names)]
+        for _, array in arrays:
+            if not array.size or not array.flags.c_contiguous or array.dtype.kind not in _BINDABLE_KINDS:
+                return None
+        key = tuple((name, array.ctypes.data, array.shape, array.dtype) for name, array in arrays)
+        cached = getattr(self._threads, "binding", None)
+        if cached is not None and cached[0] == key:
+            binding: ort.IOBinding = cached[1]
+            return binding
+        binding = self.session.io_binding()
+        for name, address, shape, dtype in key[: len(feeds)]:
+            binding.bind_input(name, "cpu", 0, dtype, list(shape), address)
+        for name, address, shape, dtype in key[len(feeds) :]:
+            binding.bind_output(name, "cpu", 0, dtype, list(shape), address)
+        self._threads.binding = (key, binding)
+        return binding
+
     def run(
         self,
         feeds: Mapping[str, np.ndarray],
@@ -343,7 +381,8 @@ class ModelRuntime:
                 for name, buffer in out_buffers.items():
                     results[name] = _copy_into(buffer, results[name], name)
                 return results
-            binding, _keep = self.bind(feeds, output_names, out_buffers)
+            reused = self._reused_binding(feeds, output_names, out_buffers)
+            binding, _keep = (reused, []) if reused is not None else self.bind(feeds, output_names, out_buffers)
             try:
                 self.session.run_with_iobinding(binding, run_options)
             except _ORT_ERRORS:
@@ -354,6 +393,8 @@ class ModelRuntime:
                 out_buffers = {}
                 binding, _keep = self.bind(feeds, output_names, out_buffers)
                 self.session.run_with_iobinding(binding, run_options)
+            if len(out_buffers) == len(output_names):
+                return {name: out_buffers[name] for name in output_names}
             values = binding.get_outputs()
             return {
                 name: out_buffers[name] if name in out_buffers else value.numpy()

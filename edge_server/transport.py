@@ -16,14 +16,16 @@ import contextlib
 import ipaddress
 import logging
 import threading
+import time
 import urllib.parse
+from collections.abc import Callable
 
 from shm_client.shared._proto import inference_pb2 as pb
 from shm_client.shared.errors import EdgecowError, InvalidArgument, ResourceExhausted
 
 from . import convert
 from .dataplane import DataPlane
-from .messages import Cancellation
+from .messages import Cancellation, InferRequest
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,8 @@ class InferAdapter:
 
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
+        self._prepared: dict[bytes, _Prepared] = {}
+        self._prepared_lock = threading.Lock()
 
     @staticmethod
     def decode(body: bytes | bytearray) -> convert.SplitInferRequest:
@@ -49,16 +53,54 @@ class InferAdapter:
     ) -> convert.InferReply:
         """Run one call. `transport_remaining` is the transport's own deadline in seconds (gRPC's);
         `cancellation` is cancelled by the transport when the caller goes away mid-call."""
+        return self._guarded(lambda: self._request(request, transport_remaining, cancellation), local)
+
+    def infer_body(self, body: bytes | bytearray, *, local: bool, cancellation: Cancellation) -> convert.InferReply:
+        """infer(decode(body)), with the decoding of a request whose tensors are all in shared memory
+        remembered by its bytes: a caller sends the same small message call after call (same model,
+        shapes and regions), and decoding it again costs more than a small model's run."""
+        return self._guarded(lambda: self._request_from(body, cancellation), local)
+
+    @staticmethod
+    def _request(
+        request: convert.SplitInferRequest | pb.ModelInferRequest,
+        transport_remaining: float | None,
+        cancellation: Cancellation | None,
+    ) -> InferRequest:
+        if isinstance(request, convert.SplitInferRequest):
+            if request.error:
+                raise InvalidArgument(request.error)
+            message, raw = request.message, request.raw
+        else:
+            message, raw = request, None
+        infer_request = convert.to_infer_request(message, convert.deadline_for(message, transport_remaining), raw)
+        infer_request.cancellation = cancellation
+        return infer_request
+
+    def _request_from(self, body: bytes | bytearray, cancellation: Cancellation) -> InferRequest:
+        key = bytes(body) if len(body) <= PREPARED_MAX_BYTES else b""
+        prepared = self._prepared.get(key) if key else None
+        if prepared is None:
+            split = self.decode(body)
+            request = self._request(split, None, cancellation)
+            if key and not split.raw and all(t.shm is not None for t in request.inputs):
+                self._remember(key, (request, convert.request_timeout(split.message)))
+            return request
+        template, timeout = prepared  # nothing in it changes from call to call but the deadline
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return InferRequest(template.model, template.version, template.id, template.inputs, template.outputs,
+                            deadline, cancellation)
+
+    def _remember(self, key: bytes, prepared: _Prepared) -> None:
+        with self._prepared_lock:
+            if len(self._prepared) >= PREPARED_REQUESTS:
+                del self._prepared[next(iter(self._prepared))]  # the oldest
+            self._prepared[key] = prepared
+
+    def _guarded(self, build: Callable[[], InferRequest], local: bool) -> convert.InferReply:
+        """Build the request and run it; whatever goes wrong leaves as an EdgecowError."""
         try:
-            if isinstance(request, convert.SplitInferRequest):
-                if request.error:
-                    raise InvalidArgument(request.error)
-                message, raw = request.message, request.raw
-            else:
-                message, raw = request, None
-            infer_request = convert.to_infer_request(message, convert.deadline_for(message, transport_remaining), raw)
-            infer_request.cancellation = cancellation
-            return convert.from_infer_response(self.plane.infer(infer_request, local=local))
+            return convert.from_infer_response(self.plane.infer(build(), local=local))
         except EdgecowError:
             raise
         except MemoryError:
@@ -66,6 +108,13 @@ class InferAdapter:
         except Exception:
             log.exception("unexpected error in ModelInfer")
             raise EdgecowError("the call failed inside the server; see its log") from None
+
+
+# Requests remembered by InferAdapter.infer_body, and the largest message remembered: one in shared
+# memory takes a few hundred bytes, so the cache holds well under a megabyte.
+PREPARED_REQUESTS = 256
+PREPARED_MAX_BYTES = 4096
+_Prepared = tuple[InferRequest, "float | None"]  # the checked request, and its v2 timeout in seconds
 
 
 class Slots:
