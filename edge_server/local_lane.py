@@ -29,7 +29,7 @@ from pathlib import Path
 import grpc
 
 from shm_client.shared import framing
-from shm_client.shared.errors import EdgecowError, FailedPrecondition, ResourceExhausted
+from shm_client.shared.errors import EdgecowError, FailedPrecondition, InvalidArgument, ResourceExhausted
 
 from . import convert
 from .config import Settings
@@ -112,6 +112,7 @@ class LocalLane:
             threading.Thread(target=self._serve, args=(conn,), name="edgecow-lane-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        self._watcher.add(conn)
         try:
             while self._serve_one(conn):
                 pass
@@ -120,6 +121,7 @@ class LocalLane:
         except Exception:  # a bug must cost this connection, not the server
             log.exception("unexpected error on a local-lane connection")
         finally:
+            self._watcher.discard(conn)
             with self._lock:
                 self._connections.discard(conn)
             conn.close()
@@ -134,6 +136,9 @@ class LocalLane:
             except framing.FrameTooLarge as err:
                 self._reply_error(conn, ResourceExhausted(f"{err}; send the tensors through shared memory"))
                 return False  # the rest of the oversized message cannot be skipped safely
+            except framing.FrameError as err:
+                self._reply_error(conn, InvalidArgument(f"{err}; send one request at a time and wait for its answer"))
+                return False  # where the next message begins is lost
             except ResourceExhausted as err:
                 self._reply_error(conn, err)
                 return False
@@ -214,15 +219,16 @@ class HangupWatcher:
     """One thread that cancels a lane call whose caller hangs up (closes the socket, or dies) mid-call.
 
     A caller sends nothing while it waits for its answer, so the end of its stream (EPOLLRDHUP) means no
-    one will read the answer. Connections are watched only while a call runs on them; one epoll set
-    serves them all, not a thread per call. A caller that half-closes its socket after sending counts
-    as gone (EdgeClient never does that).
+    one will read the answer. A connection is in one epoll set, which serves them all, from add() to
+    discard(), so a call costs no system call here; a hangup seen between calls is kept and cancels the
+    next call at once. A caller that half-closes its socket after sending counts as gone (EdgeClient
+    never does that).
     """
 
     def __init__(self) -> None:
         self._epoll: select.epoll | None = None
         self._wake: tuple[int, int] | None = None
-        self._calls: dict[int, tuple[socket.socket, Cancellation]] = {}
+        self._connections: dict[int, _Watched] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -243,25 +249,41 @@ class HangupWatcher:
             assert self._epoll is not None
             self._epoll.close()
             self._epoll = None
-            self._calls.clear()
+            self._connections.clear()
         for fd in self._wake:
             os.close(fd)
         self._thread, self._wake = None, None
 
+    def add(self, conn: socket.socket) -> None:
+        """Watch `conn` until discard(conn), which comes before it is closed."""
+        with self._lock:
+            if self._epoll is not None:  # None once the lane has stopped
+                self._connections[conn.fileno()] = _Watched(conn)
+                self._epoll.register(conn.fileno(), select.EPOLLRDHUP)
+
+    def discard(self, conn: socket.socket) -> None:
+        with self._lock:
+            watched = self._connections.pop(conn.fileno(), None)
+            if watched is not None and not watched.hung_up and self._epoll is not None:
+                self._epoll.unregister(conn.fileno())
+
     @contextlib.contextmanager
     def watching(self, conn: socket.socket, cancellation: Cancellation) -> Iterator[None]:
         """Cancel `cancellation` if the caller on `conn` hangs up before the block ends."""
-        fd = conn.fileno()
+        gone = False
         with self._lock:
-            if self._epoll is not None:  # None once the lane has stopped
-                self._calls[fd] = (conn, cancellation)
-                self._epoll.register(fd, select.EPOLLRDHUP)
+            watched = self._connections.get(conn.fileno())
+            if watched is not None:
+                watched.call = cancellation
+                gone = watched.hung_up
+        if gone:
+            cancellation.cancel()
         try:
             yield
         finally:
-            with self._lock:
-                if self._calls.pop(fd, None) is not None and self._epoll is not None:
-                    self._epoll.unregister(fd)
+            if watched is not None:
+                with self._lock:
+                    watched.call = None
 
     def _run(self, epoll: select.epoll, wake: int) -> None:
         while True:
@@ -269,15 +291,28 @@ class HangupWatcher:
                 if fd == wake:
                     return
                 with self._lock:
-                    entry = self._calls.get(fd)
-                    # The event may be from an earlier call on a descriptor since reused: ask the socket
-                    # that is registered now.
-                    if entry is None or not _hung_up(entry[0]):
+                    watched = self._connections.get(fd)
+                    # The event may be from a connection whose descriptor has since been reused: ask
+                    # the socket that is watched now.
+                    if watched is None or watched.hung_up or not _hung_up(watched.conn):
                         continue
-                    del self._calls[fd]
-                    epoll.unregister(fd)
-                log.info("a local-lane caller hung up mid-call; cancelling the call")
-                entry[1].cancel()
+                    watched.hung_up = True
+                    epoll.unregister(fd)  # level-triggered: it would be reported again and again
+                    call = watched.call
+                if call is not None:
+                    log.info("a local-lane caller hung up mid-call; cancelling the call")
+                    call.cancel()
+
+
+class _Watched:
+    """A lane connection under the HangupWatcher, and the call running on it, if any."""
+
+    __slots__ = ("call", "conn", "hung_up")
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.call: Cancellation | None = None
+        self.hung_up = False
 
 
 def _hung_up(conn: socket.socket) -> bool:

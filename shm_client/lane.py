@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import socket
 
-from .shared.framing import CONNECT_TIMEOUT, MAX_REPLY_BYTES, REPLY_GRACE, recv_frame, send_frame
+from .shared.framing import CONNECT_TIMEOUT, MAX_REPLY_BYTES, REPLY_GRACE, FrameError, recv_frame, send_frame
 
 
 class LaneConnection:
@@ -25,13 +25,20 @@ class LaneConnection:
         except OSError:
             self._sock.close()
             raise
+        self._wait: float | None = connect_timeout  # the socket's timeout now
 
     def call(self, request: bytes, timeout: float | None = None) -> tuple[int, memoryview]:
         """Send one encoded request and wait for its (status, body): for ever without a `timeout`, else
         the call's own timeout and REPLY_GRACE for the answer to come back."""
-        self._sock.settimeout(None if timeout is None else timeout + REPLY_GRACE)
+        wait = None if timeout is None else timeout + REPLY_GRACE
+        if wait != self._wait:  # setting it costs a system call; most callers keep one timeout
+            self._sock.settimeout(wait)
+            self._wait = wait
         send_frame(self._sock, request)
-        body = recv_frame(self._sock, MAX_REPLY_BYTES)
+        try:
+            body = recv_frame(self._sock, MAX_REPLY_BYTES)
+        except FrameError as err:
+            raise ConnectionError(f"the local lane broke its framing ({err})") from None
         if body is None:
             raise ConnectionError("the server closed the local lane")
         view = memoryview(body)

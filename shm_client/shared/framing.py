@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 _LENGTH = struct.Struct("<Q")
 _JOIN_BELOW = 1 << 16
+FIRST_READ = 4096  # the first read takes the header and, for a small frame, the whole body
 FIRST_CHUNK = 1 << 16  # a body's first bytes are read in place; requests over shared memory fit in this
 _STAGING = 1 << 18  # the rest arrives through a buffer this big, so the body grows only with what was received
 CONNECT_TIMEOUT = 5.0  # seconds to reach the lane; a server that does not accept by then is not used
@@ -35,6 +36,10 @@ MAX_REPLY_BYTES = 1 << 62  # replies are as large as the outputs; the buffer gro
 
 class FrameTooLarge(ValueError):
     """A frame header announced more bytes than the receiver accepts."""
+
+
+class FrameError(ValueError):
+    """The peer broke the framing (sent a second message before the answer to its first)."""
 
 
 def send_frame(sock: socket.socket, *parts: bytes | memoryview) -> None:
@@ -57,6 +62,9 @@ def recv_frame(
 ) -> bytearray | None:
     """The next frame's body; None at a clean end of the connection; FrameTooLarge past `limit` bytes.
 
+    A small frame (a request over shared memory, its answer) arrives in one system call: the first read
+    takes up to FIRST_READ bytes, header and body. The lane is strictly one request, one answer, so bytes
+    past the frame in that read mean the peer sent a second message without waiting: FrameError.
     A header that claims more than is sent costs no memory: the first FIRST_CHUNK bytes are read in
     place, the rest through a small buffer onto the body, which so grows only with the bytes that arrive;
     `on_grow(n)` is called before the receiver holds n more bytes (and may raise to refuse them). With
@@ -64,21 +72,32 @@ def recv_frame(
     first byte, else TimeoutError; the wait for that first byte is not limited, so an idle connection may
     wait for its next request. Without it the socket's own timeout applies to each read.
     """
-    header = bytearray(_LENGTH.size)
-    first = sock.recv_into(header)
-    if first == 0:
+    first = bytearray(FIRST_READ)
+    got = sock.recv_into(first)
+    if got == 0:
         return None
     deadline = None if read_timeout is None else time.monotonic() + read_timeout
-    _fill(sock, memoryview(header)[first:], deadline)
-    (size,) = _LENGTH.unpack(header)
+    if got < _LENGTH.size:
+        _fill(sock, memoryview(first)[got : _LENGTH.size], deadline)
+        got = _LENGTH.size
+    (size,) = _LENGTH.unpack_from(first)
     if size > limit:
         raise FrameTooLarge(f"a {size}-byte message is over the limit of {limit} bytes")
     grow = on_grow or (lambda _: None)
+    arrived = got - _LENGTH.size
+    if arrived > size:
+        raise FrameError("the peer sent another message before the answer to the last one")
+    if arrived == size:  # the common, small message: one read
+        grow(size)
+        del first[got:]
+        del first[: _LENGTH.size]  # bytearray drops a prefix in place
+        return first
     grow(min(size, FIRST_CHUNK))
     body = bytearray(min(size, FIRST_CHUNK))
-    _fill(sock, memoryview(body), deadline)
+    body[:arrived] = memoryview(first)[_LENGTH.size : got]
+    _fill(sock, memoryview(body)[arrived:], deadline)
     if len(body) == size:
-        return body  # the common, small message: read in place, no copy
+        return body
     grow(min(size - len(body), _STAGING))
     staging = memoryview(bytearray(min(size - len(body), _STAGING)))
     while len(body) < size:

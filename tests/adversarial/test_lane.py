@@ -127,6 +127,23 @@ def test_request_bytes_held_by_the_lane_are_bounded(lane_server: ServerProcess) 
     assert _serves(lane_server)
 
 
+def test_a_second_request_sent_before_the_first_answer_is_refused(lane_server: ServerProcess) -> None:
+    """The lane is one request, one answer: two messages in one write get an error and the connection
+    closes, instead of the second being lost or misread."""
+    sock = _connect(lane_server)
+    try:
+        message = scale_request().SerializeToString()
+        frame = struct.pack("<Q", len(message)) + message
+        sock.sendall(frame + frame)
+        body = recv_frame(sock, 1 << 20)
+        assert body is not None and body[0] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert b"one request at a time" in body[1:]
+        assert _closed_by_server(sock)
+    finally:
+        sock.close()
+    assert _serves(lane_server)
+
+
 def _send_ignoring_errors(sock: socket.socket, data: bytes) -> None:
     try:
         sock.sendall(data)
