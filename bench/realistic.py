@@ -74,7 +74,9 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
             identical = {name: same_answer(f"{name} ({work.name})", call(), want, exact=False)
                          for name, call in variants.items()}
             rounds = work.quick if args.quick else work.rounds
-            samples = interleaved(variants, rounds, warmup=max(1, rounds // 10))
+            # In blocks of 5 after a settling call: onnxruntime's threads spin on after a run, and with one call
+            # per turn that would slow whichever variant came next.
+            samples = interleaved(variants, rounds, warmup=max(1, rounds // 10), block=5 if rounds >= 50 else 1)
             base = pct(samples[IN_PROCESS], 50)
             for name, s in samples.items():
                 p50 = pct(s, 50)

@@ -27,6 +27,11 @@ class Size:
     def rounds(self, quick: bool) -> int:
         return self.quick if quick else self.iterations
 
+    def block(self) -> int:
+        """Counted calls per turn (see interleaved): small calls in blocks, whose first call settles what
+        the previous variant left running; large calls one per turn, where that is lost in the noise."""
+        return 10 if self.nbytes < MB else 5 if self.nbytes < 16 * MB else 1
+
     def warmup(self, quick: bool) -> int:
         """Calls of each variant before the timing, beside the one that checks its answer: fewer for the
         large sizes, fewest with --quick."""
@@ -48,11 +53,18 @@ def same_answer(name: str, got: object, want: np.ndarray, exact: bool = True) ->
     return False
 
 
-def interleaved(variants: Mapping[str, Callable[[], object]], iterations: int, warmup: int) -> dict[str, np.ndarray]:
-    """Seconds per call for each variant, calls taken in turn, so that a noisy neighbour slows every variant
-    alike instead of whichever happened to run then. The starting variant rotates every round and every
-    other cycle of rounds runs in reverse, so each variant follows each other one equally often: what one
-    call leaves behind (onnxruntime's threads spinning on after a run, caches) lands on all of them alike."""
+def interleaved(
+    variants: Mapping[str, Callable[[], object]], iterations: int, warmup: int, block: int = 1
+) -> dict[str, np.ndarray]:
+    """Seconds per call for each variant (`iterations` each), taken in turns, so that a noisy neighbour
+    slows every variant alike instead of whichever happened to run then. The starting variant rotates
+    every round and every other cycle of rounds runs in reverse, so each variant follows each other one
+    equally often.
+
+    With `block` > 1 a turn is one uncounted call, then `block` counted ones: a call pays for what the
+    previous variant left running (a gRPC call's threads finish their work for ~0.1 ms after it returns,
+    onnxruntime's threads spin on), which a caller that keeps to one path never pays, and which with
+    single-call turns would be charged to every variant of small calls."""
     names = list(variants)
     for name in names:
         for _ in range(warmup):
@@ -60,13 +72,17 @@ def interleaved(variants: Mapping[str, Callable[[], object]], iterations: int, w
     samples: dict[str, list[float]] = {name: [] for name in names}
     clock = time.perf_counter
     n = len(names)
-    for i in range(iterations):
+    settle = 1 if block > 1 else 0
+    for i in range(max(1, iterations // block)):
         order = [names[(i + j) % n] for j in range(n)]
         for name in reversed(order) if (i // n) % 2 else order:
             call = variants[name]
-            start = clock()
-            call()
-            samples[name].append(clock() - start)
+            for _ in range(settle):
+                call()
+            for _ in range(block):
+                start = clock()
+                call()
+                samples[name].append(clock() - start)
     return {name: np.asarray(values) for name, values in samples.items()}
 
 
