@@ -22,37 +22,48 @@ class ModelGate:
 
     def __init__(self, name: str, limit: int, queue: int) -> None:
         self.name = name
+        self.limit = limit
         self.queue = queue
-        self._slots = threading.BoundedSemaphore(limit)
         self._lock = threading.Lock()
+        self._freed = threading.Condition(self._lock)
         self.waiting = 0
         self.running = 0
 
     @contextlib.contextmanager
     def enter(self, deadline: float | None) -> Iterator[None]:
-        if not self._slots.acquire(blocking=False):
-            with self._lock:
-                if self.waiting >= self.queue:
-                    raise ResourceExhausted(
-                        f"model {self.name!r} is at its limit of calls in flight and {self.queue} are already "
-                        "waiting; retry later or raise max_queue_per_model"
-                    )
-                self.waiting += 1
-            try:
-                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                if not self._slots.acquire(timeout=timeout):
-                    raise DeadlineExceeded(f"the call's deadline passed while it waited for model {self.name!r}")
-            finally:
-                with self._lock:
-                    self.waiting -= 1
-        with self._lock:
-            self.running += 1
+        self.acquire(deadline)
         try:
             yield
         finally:
-            with self._lock:
-                self.running -= 1
-            self._slots.release()
+            self.release()
+
+    def acquire(self, deadline: float | None) -> None:
+        """A running slot, waiting until `deadline` (monotonic) for one; release() gives it back."""
+        with self._lock:
+            if self.running < self.limit:  # the common case: one lock, no wait
+                self.running += 1
+                return
+            if self.waiting >= self.queue:
+                raise ResourceExhausted(
+                    f"model {self.name!r} is at its limit of calls in flight and {self.queue} are already "
+                    "waiting; retry later or raise max_queue_per_model"
+                )
+            self.waiting += 1
+            try:
+                while self.running >= self.limit:
+                    timeout = None if deadline is None else deadline - time.monotonic()
+                    if timeout is not None and timeout <= 0:
+                        raise DeadlineExceeded(f"the call's deadline passed while it waited for model {self.name!r}")
+                    self._freed.wait(timeout)
+            finally:
+                self.waiting -= 1
+            self.running += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self.running -= 1
+            if self.waiting:
+                self._freed.notify()
 
 
 class Admission:
@@ -68,17 +79,24 @@ class Admission:
 
     @contextlib.contextmanager
     def admitted(self) -> Iterator[None]:
+        self.admit()
+        try:
+            yield
+        finally:
+            self.leave()
+
+    def admit(self) -> None:
+        """Count a call in flight; Unavailable once draining. leave() ends it."""
         with self._lock:
             if not self.accepting:
                 raise Unavailable("the server is shutting down and takes no new calls")
             self._in_flight += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._in_flight -= 1
-                if self._in_flight == 0:
-                    self._idle.notify_all()
+
+    def leave(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.notify_all()
 
     def drain(self, timeout: float) -> bool:
         """Refuse new calls and wait up to `timeout` s for those in flight; True when none are left."""

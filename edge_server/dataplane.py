@@ -64,14 +64,20 @@ class DataPlane:
     # -- inference -------------------------------------------------------------------------------------
     def infer(self, request: InferRequest, local: bool) -> InferResponse:
         """Run one request; raises EdgecowError with the status code for anything the caller got wrong."""
-        with self.admission.admitted():
+        admission = self.admission
+        admission.admit()
+        try:
             model = self.store.get(request.model, request.version)
             stats = self.statistics.of(model)
             start = time.monotonic_ns()
             try:
-                with self.admission.gate(model.name).enter(request.deadline):
+                gate = admission.gate(model.name)
+                gate.acquire(request.deadline)
+                try:
                     queued = time.monotonic_ns()
                     response, timings = self._run(model, request, local)
+                finally:
+                    gate.release()
             except EdgecowError as err:
                 self.statistics.failure(stats, time.monotonic_ns() - start, err.code.name)
                 raise
@@ -79,6 +85,8 @@ class DataPlane:
                 stats, queued - start, timings, time.monotonic_ns() - start, batch_size(model, request.inputs)
             )
             return response
+        finally:
+            admission.leave()
 
     def _run(
         self, model: ModelRuntime, request: InferRequest, local: bool

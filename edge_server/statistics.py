@@ -105,15 +105,20 @@ class StatisticsBook:
         self, stats: ModelStats, queue_ns: int, compute_ns: tuple[int, int, int], total_ns: int, batch_size: int = 1
     ) -> None:
         """One successful execution; inference_count counts each of its `batch_size` inferences, as Triton's."""
+        input_ns, infer_ns, output_ns = compute_ns
+        now_ms = time.time_ns() // 1_000_000
         with self._lock:
             stats.queue.add(queue_ns)
-            stats.compute_input.add(compute_ns[0])
-            stats.compute_infer.add(compute_ns[1])
-            stats.compute_output.add(compute_ns[2])
+            stats.compute_input.add(input_ns)
+            stats.compute_infer.add(infer_ns)
+            stats.compute_output.add(output_ns)
             stats.success.add(total_ns)
             stats.request_histogram.observe(total_ns)
-            for phase, ns in zip(PHASES, (queue_ns, *compute_ns)):
-                stats.phase_histograms[phase].observe(ns)
+            phases = stats.phase_histograms
+            phases["queue"].observe(queue_ns)
+            phases["compute_input"].observe(input_ns)
+            phases["compute_infer"].observe(infer_ns)
+            phases["compute_output"].observe(output_ns)
             stats.inference_count += batch_size
             stats.execution_count += 1
-            stats.last_inference_ms = int(time.time() * 1000)
+            stats.last_inference_ms = now_ms
