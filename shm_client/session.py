@@ -44,6 +44,9 @@ _MAX_LEARNED_SIZES = 4096
 PROBE_TIMEOUT = 5.0  # the shared-memory proof: a server that cannot answer it by then is used over gRPC
 REGISTER_TIMEOUT = 10.0  # registering maps and reserves the region on the server
 UNREGISTER_TIMEOUT = 2.0  # best effort: the server's reaper drops what a lost unregister leaves
+# Answers remembered by _decoded (a few hundred bytes each), and the largest one remembered.
+_REMEMBERED_ANSWERS = 64
+_REMEMBERED_ANSWER_BYTES = 2048
 _SLOT_TOO_SMALL = "its shared-memory slot has"  # the server's words for an output slot that is too small
 # Answers that mean "shared memory does not work here", after which the call is repeated over gRPC.
 _FALLBACK_CODES = {
@@ -101,6 +104,7 @@ class ShmSession:
         self._lane_local = threading.local()
         self._lane_connections: list[LaneConnection] = []
         self._sizes: dict[LearnedKey, int] = {}
+        self._answers: dict[bytes, RawResponse] = {}  # see _decoded; never handed to the caller
         # Runs on close(), when the session is collected, or at interpreter exit, whichever comes first.
         self._finalizer = weakref.finalize(self, self._pool.close)
 
@@ -306,12 +310,28 @@ class ShmSession:
                 self._drop_lane_connection(conn)  # the server restarted or closed the lane: use gRPC
             else:
                 if status == 0:
-                    return decode_response(body)
+                    return self._decoded(body)
                 raise EdgecowError(bytes(body).decode("utf-8", "replace"), _STATUS_BY_NUMBER.get(status))
         try:
             return self._stubs.model_infer((request, []), timeout=timeout)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
+
+    def _decoded(self, body: memoryview) -> RawResponse:
+        """decode_response, remembered for a small answer whose outputs are all in shared memory: such
+        an answer is the same bytes call after call (same outputs, shapes and segments)."""
+        if body.nbytes > _REMEMBERED_ANSWER_BYTES:
+            return decode_response(body)
+        key = bytes(body)
+        known = self._answers.get(key)
+        if known is None:
+            response, raw = decode_response(key)
+            if any(entry.nbytes for entry in raw):
+                return response, raw
+            if len(self._answers) >= _REMEMBERED_ANSWERS:
+                self._answers.clear()
+            known = self._answers[key] = (response, raw)
+        return known
 
     def _lane_connection(self) -> LaneConnection | None:
         """This thread's connection to the local lane, made on first use; None without a lane."""
