@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +33,15 @@ from .batching import batch_size, check_batch_size
 from .classification import check_classifiable, classify
 from .config import Settings
 from .deadlines import Alarms
-from .messages import INT64_MAX, InferRequest, InferResponse, InputTensor, OutputTensor, RequestedOutput
+from .messages import (
+    INT64_MAX,
+    InferRequest,
+    InferResponse,
+    InputTensor,
+    OutputTensor,
+    RequestedOutput,
+    ShmRef,
+)
 from .regions import Region, RegionRegistry
 from .repository import ModelStore
 from .runtime import ModelRuntime, TensorSpec
@@ -99,15 +107,25 @@ class DataPlane:
         t0 = time.monotonic_ns()
         region = HeldRegions(self.registry)
         try:
-            # Names first: a request can list any number of tensors, but once each must be one of the model's,
-            # at most one per model input and output is left for the region and pairwise work below.
-            _check_input_names(model, request.inputs)
-            check_batch_size(model, request.inputs)
-            wanted = self._wanted_outputs(model, request.outputs)
-            _check_deadline(request, "before its tensors were read")
-            _check_no_overlap(request, region)
-            feeds = self._feeds(model, request.inputs, region)
-            out_buffers = self._bound_outputs(model, wanted, feeds, region)
+            checked = request.memo.get(model) if request.memo is not None else None
+            if isinstance(checked, _Checked):  # this very request was checked for this model before
+                wanted = checked.wanted
+                _check_deadline(request, "before its tensors were read")
+                _check_no_overlap(request, region)
+                feeds = checked.feeds(region)
+                out_buffers = self._bound_outputs(model, wanted, feeds, region, checked.output_shapes)
+            else:
+                # Names first: a request can list any number of tensors, but once each must be one of the
+                # model's, at most one per model input and output is left for the region and pairwise work.
+                _check_input_names(model, request.inputs)
+                check_batch_size(model, request.inputs)
+                wanted = self._wanted_outputs(model, request.outputs)
+                _check_deadline(request, "before its tensors were read")
+                _check_no_overlap(request, region)
+                feeds = self._feeds(model, request.inputs, region)
+                out_buffers = self._bound_outputs(model, wanted, feeds, region)
+                if request.memo is not None:
+                    self._remember_checked(model, request, wanted, feeds)
             t1 = time.monotonic_ns()
             results = self._execute(model, feeds, [o.name for o in wanted], out_buffers, request)
             t2 = time.monotonic_ns()
@@ -273,16 +291,20 @@ class DataPlane:
         wanted: list[RequestedOutput],
         feeds: dict[str, np.ndarray],
         region: RegionLookup,
+        shapes: Mapping[str, tuple[int, ...] | None] | None = None,
     ) -> dict[str, np.ndarray]:
-        """Views on the caller's regions for outputs whose shape is known before the run, so that
-        onnxruntime writes there directly."""
+        """Views on the caller's regions for outputs whose shape is known before the run (from `shapes`
+        where given, else from the feeds), so that onnxruntime writes there directly."""
         buffers = {}
         for output in wanted:
             if output.shm is None:
                 continue
             spec = model.spec(output.name)
             assert spec is not None
-            shape = None if spec.datatype.variable_size else model.output_shape(output.name, feeds)
+            if shapes is not None:
+                shape = shapes[output.name]
+            else:
+                shape = None if spec.datatype.variable_size else model.output_shape(output.name, feeds)
             needed = None if shape is None else datatypes.byte_size(spec.datatype, shape)
             what = f"output {output.name!r}"
             held = region(output.shm.region)
@@ -299,6 +321,28 @@ class DataPlane:
                 )
             buffers[output.name] = held.view(output.shm.offset, needed, dtype, shape, what)
         return buffers
+
+    @staticmethod
+    def _remember_checked(
+        model: ModelRuntime, request: InferRequest, wanted: list[RequestedOutput], feeds: dict[str, np.ndarray]
+    ) -> None:
+        """Keep what this request's checks found for `model` in its memo, when every input is a plain view
+        on shared memory (BYTES inputs are decoded per call, unaligned ones copied)."""
+        assert request.memo is not None
+        inputs = []
+        for tensor in request.inputs:
+            array = feeds[tensor.name]
+            if tensor.shm is None or array.dtype == object or tensor.shm.byte_size != array.nbytes:
+                return
+            inputs.append((tensor.name, tensor.shm, array.dtype, array.shape, f"input {tensor.name!r}"))
+        shapes = {o.name: model.output_shape(o.name, feeds) for o in wanted if o.shm is not None}
+        for name in shapes:
+            spec = model.spec(name)
+            if spec is None or spec.datatype.variable_size:
+                return
+        if len(request.memo) >= _MEMO_MODELS:
+            request.memo.clear()  # versions swapped in and out many times
+        request.memo[model] = _Checked(wanted, inputs, shapes)
 
     def _place(
         self,
@@ -326,6 +370,26 @@ class DataPlane:
         target = held.raw(output.shm.offset, size, what)
         target[:] = data if isinstance(data, bytes) else np.ascontiguousarray(value).reshape(-1).view(np.uint8).data
         return result
+
+
+_MEMO_MODELS = 4  # models (versions) one remembered request keeps checks for
+
+
+@dataclass
+class _Checked:
+    """What one request's names, types and shapes were found to mean for one model: the checks that
+    depend on nothing else, kept in the request's memo so that a request repeated over the local lane is
+    checked once. Regions are looked up, bounds-checked and held per call."""
+
+    wanted: list[RequestedOutput]
+    inputs: list[tuple[str, ShmRef, np.dtype, tuple[int, ...], str]]  # name, where, dtype, shape, what
+    output_shapes: dict[str, tuple[int, ...] | None]  # of the outputs in shared memory
+
+    def feeds(self, region: RegionLookup) -> dict[str, np.ndarray]:
+        return {
+            name: region(ref.region).view(ref.offset, ref.byte_size, dtype, shape, what)
+            for name, ref, dtype, shape, what in self.inputs
+        }
 
 
 class HeldRegions:

@@ -9,8 +9,9 @@ Nothing here knows protobuf or onnxruntime: convert.py maps these to and from th
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -90,6 +91,10 @@ class InferRequest:
     outputs: list[RequestedOutput] = field(default_factory=list)
     deadline: float | None = None  # time.monotonic() value
     cancellation: Cancellation | None = None
+    # Shared by the calls of one remembered request (see transport.InferAdapter.infer_body): what the data
+    # plane found its names, types and shapes to mean for a model, so that it checks them once per model.
+    # Weakly keyed by the model, so that it never keeps an unloaded version's session alive.
+    memo: MutableMapping[Any, object] | None = None
 
 
 @dataclass

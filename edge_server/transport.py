@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 import urllib.parse
+import weakref
 from collections.abc import Callable
 
 from shm_client.shared._proto import inference_pb2 as pb
@@ -84,12 +85,13 @@ class InferAdapter:
             split = self.decode(body)
             request = self._request(split, None, cancellation)
             if key and not split.raw and all(t.shm is not None for t in request.inputs):
+                request.memo = weakref.WeakKeyDictionary()
                 self._remember(key, (request, convert.request_timeout(split.message)))
             return request
         template, timeout = prepared  # nothing in it changes from call to call but the deadline
         deadline = None if timeout is None else time.monotonic() + timeout
         return InferRequest(template.model, template.version, template.id, template.inputs, template.outputs,
-                            deadline, cancellation)
+                            deadline, cancellation, template.memo)
 
     def _remember(self, key: bytes, prepared: _Prepared) -> None:
         with self._prepared_lock:

@@ -1,19 +1,29 @@
-"""The lane's remembered requests (InferAdapter.infer_body): bounded, and only for all-shared-memory calls.
+"""The lane's remembered requests (InferAdapter.infer_body): bounded, only for all-shared-memory calls, and
+checked once per model without holding the model.
 
     pytest tests/unit/test_prepared_requests.py
 """
 
 from __future__ import annotations
 
+import gc
+import weakref
+from collections.abc import Callable
+from pathlib import Path
 from typing import cast
 
 import numpy as np
 
+from edge_server.config import Settings
 from edge_server.dataplane import DataPlane
 from edge_server.messages import Cancellation, InferRequest, InferResponse
+from edge_server.regions import RegionRegistry
+from edge_server.repository import ModelStore, Repository
 from edge_server.transport import PREPARED_MAX_BYTES, PREPARED_REQUESTS, InferAdapter
 from shm_client.session import encode_request
 from shm_client.shared._proto import inference_pb2 as pb
+from shm_client.shared.segments import Segment
+from tests.support.models import scale_model, write_model
 
 
 class _Plane:
@@ -71,3 +81,42 @@ def test_requests_carrying_tensor_bytes_are_not_remembered() -> None:
     assert len(big) > PREPARED_MAX_BYTES
     adapter.infer_body(big, local=True, cancellation=Cancellation())
     assert adapter._prepared == {}
+
+
+def _plane_on(root: Path) -> tuple[InferAdapter, RegionRegistry, ModelStore]:
+    write_model(root, "scale", 1, scale_model(factor=2.0))
+    settings = Settings(model_repository=root)
+    store = ModelStore(Repository(root), settings)
+    store.load_all()
+    registry = RegionRegistry()
+    return InferAdapter(DataPlane(store, registry, settings)), registry, store
+
+
+def test_a_remembered_request_is_checked_once_per_model_and_never_keeps_a_model_alive(
+    tmp_path: Path, segments: Callable[..., Segment]
+) -> None:
+    adapter, registry, store = _plane_on(tmp_path / "models")
+    source, target = segments("memo-in", 4096), segments("memo-out", 4096)
+    registry.register("memo-in", "/" + source.key, 0, 16)
+    registry.register("memo-out", "/" + target.key, 0, 16)
+    request = pb.ModelInferRequest(model_name="scale")
+    tensor = request.inputs.add(name="x", datatype="FP32", shape=[4])
+    tensor.parameters["shared_memory_region"].string_param = "memo-in"
+    tensor.parameters["shared_memory_byte_size"].int64_param = 16
+    output = request.outputs.add(name="y")
+    output.parameters["shared_memory_region"].string_param = "memo-out"
+    output.parameters["shared_memory_byte_size"].int64_param = 16
+    body = encode_request((request, []))
+    for step in range(3):  # new data in the same regions, through the same remembered request
+        x = np.arange(4, dtype=np.float32) + step
+        source.write(x.tobytes())
+        adapter.infer_body(body, local=True, cancellation=Cancellation())
+        np.testing.assert_array_equal(np.frombuffer(target.bytes_view(0, 16), np.float32), x * 2)
+    (template, _), = adapter._prepared.values()
+    assert template.memo is not None and len(template.memo) == 1  # checked for the one model
+    model = weakref.ref(store.get("scale"))
+    store.unload("scale")
+    gc.collect()
+    assert model() is None, "the remembered request kept the unloaded model alive"
+    assert len(template.memo) == 0
+    registry.close()
