@@ -10,6 +10,8 @@ import threading
 
 from .shared.segments import CLIENT_PREFIX, Segment, unique_key
 
+MIN_SIZE_BITS = 12  # segments are at least a page (4 KiB)
+
 
 class SegmentPool:
     """Segments reused across calls, so a steady stream of calls makes no shm_open/ftruncate/mmap.
@@ -21,22 +23,26 @@ class SegmentPool:
     def __init__(self, prefix: str = CLIENT_PREFIX, max_idle_bytes: int = 1 << 30) -> None:
         self._base = unique_key(prefix)
         self._counter = 0
-        self._free: list[Segment] = []
+        self._free: dict[int, list[Segment]] = {}  # by size (a power of two), most recently released last
+        self._idle = 0  # bytes in _free
         self._all: dict[str, Segment] = {}
         self._evicted: list[Segment] = []
         self._lock = threading.Lock()
         self._max_idle_bytes = max_idle_bytes
 
     def acquire(self, nbytes: int) -> Segment:
+        size = 1 << max(MIN_SIZE_BITS, (max(nbytes, 1) - 1).bit_length())
         with self._lock:
-            fits = [seg for seg in self._free if seg.size >= nbytes]
-            if fits:
-                best = min(fits, key=lambda seg: seg.size)
-                self._free.remove(best)
-                return best
+            free = self._free.get(size)
+            if not free:  # none of this size: the smallest larger one
+                larger = [s for s, segments in self._free.items() if s > size and segments]
+                free = self._free[min(larger)] if larger else None
+            if free:
+                segment = free.pop()
+                self._idle -= segment.size
+                return segment
             self._counter += 1
             key = f"{self._base}-{self._counter}"
-        size = 1 << max(12, (max(nbytes, 1) - 1).bit_length())
         segment = Segment.create(key, size)
         with self._lock:
             self._all[segment.key] = segment
@@ -46,14 +52,17 @@ class SegmentPool:
         with self._lock:
             if segment.key not in self._all:
                 return
-            self._free.append(segment)
-            idle = sum(seg.size for seg in self._free)
-            while idle > self._max_idle_bytes and len(self._free) > 1:
-                victim = max(self._free, key=lambda seg: seg.size)
-                self._free.remove(victim)
+            self._free.setdefault(segment.size, []).append(segment)
+            self._idle += segment.size
+            while self._idle > self._max_idle_bytes and self._free_count() > 1:
+                largest = max(s for s, segments in self._free.items() if segments)
+                victim = self._free[largest].pop(0)  # the one idle longest
                 del self._all[victim.key]
-                idle -= victim.size
+                self._idle -= victim.size
                 self._evicted.append(victim)
+
+    def _free_count(self) -> int:
+        return sum(len(segments) for segments in self._free.values())
 
     def take_evicted(self) -> list[Segment]:
         """Segments dropped from the pool since the last call; the caller unregisters, closes, unlinks."""
@@ -66,8 +75,10 @@ class SegmentPool:
         with self._lock:
             if self._all.pop(segment.key, None) is None:
                 return
-            if segment in self._free:
-                self._free.remove(segment)
+            free = self._free.get(segment.size, [])
+            if segment in free:
+                free.remove(segment)
+                self._idle -= segment.size
         segment.close()
         segment.unlink()
 
@@ -81,6 +92,7 @@ class SegmentPool:
             segments = list(self._all.values()) + self._evicted
             self._all.clear()
             self._free.clear()
+            self._idle = 0
             self._evicted = []
         for segment in segments:
             segment.close()
