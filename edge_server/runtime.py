@@ -48,6 +48,9 @@ PROBE_MODEL = Path(__file__).parent / "examples" / "probe.onnx"
 # onnxruntime's log severities (0 verbose .. 4 fatal).
 ORT_LOG_ERROR = 3
 ORT_LOG_FATAL = 4
+# Bindings each thread keeps per model (see ModelRuntime._reused_binding): callers that alternate
+# between a few sets of buffers (double buffering, a pool handing segments out in turn) reuse them too.
+BINDINGS_PER_THREAD = 4
 # numpy kinds bound to onnxruntime by address: booleans, integers and floats (not strings or objects).
 _BINDABLE_KINDS = frozenset("biuf")
 # onnxruntime logs at WARNING by default, which includes harmless notes about node placement.
@@ -198,7 +201,7 @@ class ModelRuntime:
     unserved_outputs: dict[str, str] = field(default_factory=dict)
     _by_name: dict[str, TensorSpec] = field(default_factory=dict, repr=False)
     _uses_strings: bool = False
-    # Each thread's last IOBinding with every tensor bound by address (see _reused_binding).
+    # Each thread's last few IOBindings with every tensor bound by address (see _reused_binding).
     _threads: threading.local = field(default_factory=threading.local, repr=False)
 
     @classmethod
@@ -331,8 +334,8 @@ class ModelRuntime:
         out_buffers: Mapping[str, np.ndarray],
     ) -> ort.IOBinding | None:
         """A binding of every input and output by address, reused by this thread while a call's buffers
-        are the last call's: the usual case over shared memory, where a caller's regions stay put call
-        after call, and binding costs more than a small model's run. None where the general path is
+        are those of one of its last few calls: the usual case over shared memory, where a caller's regions
+        stay put call after call, and binding costs more than a small model's run. None where the general path is
         needed: an output onnxruntime allocates, an empty or non-contiguous array.
 
         A binding holds addresses, not arrays, so it keeps no mapping alive; a call binds only buffers
@@ -345,16 +348,20 @@ class ModelRuntime:
             if not array.size or not array.flags.c_contiguous or array.dtype.kind not in _BINDABLE_KINDS:
                 return None
         key = tuple((name, array.ctypes.data, array.shape, array.dtype) for name, array in arrays)
-        cached = getattr(self._threads, "binding", None)
-        if cached is not None and cached[0] == key:
-            binding: ort.IOBinding = cached[1]
+        bindings: dict[tuple[object, ...], ort.IOBinding] | None = getattr(self._threads, "bindings", None)
+        if bindings is None:
+            bindings = self._threads.bindings = {}
+        binding = bindings.get(key)
+        if binding is not None:
             return binding
         binding = self.session.io_binding()
         for name, address, shape, dtype in key[: len(feeds)]:
             binding.bind_input(name, "cpu", 0, dtype, list(shape), address)
         for name, address, shape, dtype in key[len(feeds) :]:
             binding.bind_output(name, "cpu", 0, dtype, list(shape), address)
-        self._threads.binding = (key, binding)
+        if len(bindings) >= BINDINGS_PER_THREAD:
+            del bindings[next(iter(bindings))]  # the oldest
+        bindings[key] = binding
         return binding
 
     def run(

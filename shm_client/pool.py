@@ -23,7 +23,7 @@ class SegmentPool:
     def __init__(self, prefix: str = CLIENT_PREFIX, max_idle_bytes: int = 1 << 30) -> None:
         self._base = unique_key(prefix)
         self._counter = 0
-        self._free: dict[int, list[Segment]] = {}  # by size (a power of two), most recently released last
+        self._free: dict[int, list[Segment]] = {}  # by size (a power of two), in the order released
         self._idle = 0  # bytes in _free
         self._all: dict[str, Segment] = {}
         self._evicted: list[Segment] = []
@@ -38,7 +38,9 @@ class SegmentPool:
                 larger = [s for s, segments in self._free.items() if s > size and segments]
                 free = self._free[min(larger)] if larger else None
             if free:
-                segment = free.pop()
+                # The one free longest: a call's input and output segments keep their roles from call to
+                # call (most recent first would swap them), so its request is the same bytes every time.
+                segment = free.pop(0)
                 self._idle -= segment.size
                 return segment
             self._counter += 1

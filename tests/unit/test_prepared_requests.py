@@ -19,6 +19,7 @@ from edge_server.dataplane import DataPlane
 from edge_server.messages import Cancellation, InferRequest, InferResponse
 from edge_server.regions import RegionRegistry
 from edge_server.repository import ModelStore, Repository
+from edge_server.runtime import BINDINGS_PER_THREAD
 from edge_server.transport import PREPARED_MAX_BYTES, PREPARED_REQUESTS, InferAdapter
 from shm_client.session import encode_request
 from shm_client.shared._proto import inference_pb2 as pb
@@ -92,6 +93,17 @@ def _plane_on(root: Path) -> tuple[InferAdapter, RegionRegistry, ModelStore]:
     return InferAdapter(DataPlane(store, registry, settings)), registry, store
 
 
+def _shm_body(input_region: str, output_region: str) -> bytes:
+    request = pb.ModelInferRequest(model_name="scale")
+    tensor = request.inputs.add(name="x", datatype="FP32", shape=[4])
+    tensor.parameters["shared_memory_region"].string_param = input_region
+    tensor.parameters["shared_memory_byte_size"].int64_param = 16
+    output = request.outputs.add(name="y")
+    output.parameters["shared_memory_region"].string_param = output_region
+    output.parameters["shared_memory_byte_size"].int64_param = 16
+    return encode_request((request, []))
+
+
 def test_a_remembered_request_is_checked_once_per_model_and_never_keeps_a_model_alive(
     tmp_path: Path, segments: Callable[..., Segment]
 ) -> None:
@@ -99,14 +111,7 @@ def test_a_remembered_request_is_checked_once_per_model_and_never_keeps_a_model_
     source, target = segments("memo-in", 4096), segments("memo-out", 4096)
     registry.register("memo-in", "/" + source.key, 0, 16)
     registry.register("memo-out", "/" + target.key, 0, 16)
-    request = pb.ModelInferRequest(model_name="scale")
-    tensor = request.inputs.add(name="x", datatype="FP32", shape=[4])
-    tensor.parameters["shared_memory_region"].string_param = "memo-in"
-    tensor.parameters["shared_memory_byte_size"].int64_param = 16
-    output = request.outputs.add(name="y")
-    output.parameters["shared_memory_region"].string_param = "memo-out"
-    output.parameters["shared_memory_byte_size"].int64_param = 16
-    body = encode_request((request, []))
+    body = _shm_body("memo-in", "memo-out")
     for step in range(3):  # new data in the same regions, through the same remembered request
         x = np.arange(4, dtype=np.float32) + step
         source.write(x.tobytes())
@@ -119,4 +124,24 @@ def test_a_remembered_request_is_checked_once_per_model_and_never_keeps_a_model_
     gc.collect()
     assert model() is None, "the remembered request kept the unloaded model alive"
     assert len(template.memo) == 0
+    registry.close()
+
+
+def test_buffers_used_in_turn_each_get_their_own_answer(tmp_path: Path, segments: Callable[..., Segment]) -> None:
+    """Callers that take turns over a few sets of buffers (double buffering, a pool handing segments out
+    in turn), more sets than a thread keeps bindings for: every answer lands in its own output."""
+    adapter, registry, _ = _plane_on(tmp_path / "models")
+    sets = BINDINGS_PER_THREAD + 2
+    bodies = []
+    for i in range(sets):
+        source, target = segments(f"turn-in-{i}", 4096), segments(f"turn-out-{i}", 4096)
+        registry.register(f"turn-in-{i}", "/" + source.key, 0, 16)
+        registry.register(f"turn-out-{i}", "/" + target.key, 0, 16)
+        bodies.append((source, target, _shm_body(f"turn-in-{i}", f"turn-out-{i}")))
+    for step in range(3 * sets):
+        source, target, body = bodies[step % sets]
+        x = np.arange(4, dtype=np.float32) + step
+        source.write(x.tobytes())
+        adapter.infer_body(body, local=True, cancellation=Cancellation())
+        np.testing.assert_array_equal(np.frombuffer(target.bytes_view(0, 16), np.float32), x * 2)
     registry.close()
