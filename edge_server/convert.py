@@ -181,7 +181,12 @@ def deadline_for(request: pb.ModelInferRequest, transport_remaining: float | Non
     """The monotonic deadline of a call: the nearer of the v2 `timeout` parameter and the transport's
     own (the gRPC deadline). A gRPC call without one reports about 2^63 s remaining, which means none
     (a timer that long cannot even start)."""
-    limits = [transport_remaining, request_timeout(request)]
+    return deadline_from(request_timeout(request), transport_remaining)
+
+
+def deadline_from(timeout: float | None, transport_remaining: float | None) -> float | None:
+    """deadline_for, given the `timeout` parameter in seconds."""
+    limits = [transport_remaining, timeout]
     remaining = [t for t in limits if t is not None and t < threading.TIMEOUT_MAX]
     return time.monotonic() + min(remaining) if remaining else None
 

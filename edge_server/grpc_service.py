@@ -41,7 +41,7 @@ from .messages import Cancellation
 from .regions import Beacon, RegionRegistry, probe_client_segment
 from .repository import ModelStore
 from .runtime import ModelRuntime, usable_providers
-from .transport import InferAdapter, Slots, peer_host
+from .transport import PREPARED_MAX_BYTES, InferAdapter, Slots, peer_host
 
 log = logging.getLogger(__name__)
 
@@ -247,18 +247,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # -- inference: framing only, the call itself is the shared InferAdapter's ---------------------------
     def _infer(
         self,
-        request: convert.SplitInferRequest | pb.ModelInferRequest,
+        request: bytes | convert.SplitInferRequest | pb.ModelInferRequest,
         context: grpc.ServicerContext,
         cancellation: Cancellation,
     ) -> convert.InferReply:
+        if isinstance(request, bytes):  # a small message, left undecoded by decode_model_infer
+            return self.adapter.infer_body(
+                request, local=self._local(context), transport_remaining=context.time_remaining(),
+                cancellation=cancellation,
+            )
         return self.adapter.infer(
             request, local=self._local(context), transport_remaining=context.time_remaining(),
             cancellation=cancellation,
         )
 
     @handled
-    def ModelInfer(  # type: ignore[override]  # add_services swaps its codec: a SplitInferRequest in, an InferReply out
-        self, request: convert.SplitInferRequest, context: grpc.ServicerContext
+    def ModelInfer(  # type: ignore[override]  # add_services swaps its codec: see decode_model_infer; an InferReply out
+        self, request: bytes | convert.SplitInferRequest, context: grpc.ServicerContext
     ) -> convert.InferReply:
         cancellation = Cancellation()
         context.add_callback(cancellation.cancel)  # fires when the RPC ends, early if the caller went away
@@ -508,6 +513,13 @@ class _Captured:
         self.service, self.handlers = service, dict(handlers)
 
 
+def decode_model_infer(data: bytes) -> bytes | convert.SplitInferRequest:
+    """ModelInfer's request deserializer: a small message stays bytes, for InferAdapter.infer_body to
+    decode once and remember (a request over shared memory is a few hundred bytes, repeated call after
+    call); a larger one carries its tensors and is split here, its raw tensors left as views."""
+    return data if len(data) <= PREPARED_MAX_BYTES else convert.decode_infer_request(data)
+
+
 def add_services(server: grpc.Server, state: ServerState) -> None:
     # The generated registration for the v2 service, with ModelInfer's codec swapped for one that
     # leaves raw tensors out of protobuf (see shm_client.shared.wire): the large-tensor path copies each
@@ -520,7 +532,7 @@ def add_services(server: grpc.Server, state: ServerState) -> None:
     assert model_infer is not None  # ModelInfer is a unary call
     handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
         model_infer,
-        request_deserializer=convert.decode_infer_request,
+        request_deserializer=decode_model_infer,
         response_serializer=convert.encode_infer_response,
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(captured.service, handlers),))

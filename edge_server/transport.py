@@ -16,7 +16,6 @@ import contextlib
 import ipaddress
 import logging
 import threading
-import time
 import urllib.parse
 import weakref
 from collections.abc import Callable
@@ -56,11 +55,18 @@ class InferAdapter:
         `cancellation` is cancelled by the transport when the caller goes away mid-call."""
         return self._guarded(lambda: self._request(request, transport_remaining, cancellation), local)
 
-    def infer_body(self, body: bytes | bytearray, *, local: bool, cancellation: Cancellation) -> convert.InferReply:
+    def infer_body(
+        self,
+        body: bytes | bytearray,
+        *,
+        local: bool,
+        cancellation: Cancellation,
+        transport_remaining: float | None = None,
+    ) -> convert.InferReply:
         """infer(decode(body)), with the decoding of a request whose tensors are all in shared memory
         remembered by its bytes: a caller sends the same small message call after call (same model,
         shapes and regions), and decoding it again costs more than a small model's run."""
-        return self._guarded(lambda: self._request_from(body, cancellation), local)
+        return self._guarded(lambda: self._request_from(body, cancellation, transport_remaining), local)
 
     @staticmethod
     def _request(
@@ -78,18 +84,20 @@ class InferAdapter:
         infer_request.cancellation = cancellation
         return infer_request
 
-    def _request_from(self, body: bytes | bytearray, cancellation: Cancellation) -> InferRequest:
+    def _request_from(
+        self, body: bytes | bytearray, cancellation: Cancellation, transport_remaining: float | None
+    ) -> InferRequest:
         key = bytes(body) if len(body) <= PREPARED_MAX_BYTES else b""
         prepared = self._prepared.get(key) if key else None
         if prepared is None:
             split = self.decode(body)
-            request = self._request(split, None, cancellation)
+            request = self._request(split, transport_remaining, cancellation)
             if key and not split.raw and all(t.shm is not None for t in request.inputs):
                 request.memo = weakref.WeakKeyDictionary()
                 self._remember(key, (request, convert.request_timeout(split.message)))
             return request
         template, timeout = prepared  # nothing in it changes from call to call but the deadline
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = convert.deadline_from(timeout, transport_remaining)
         return InferRequest(template.model, template.version, template.id, template.inputs, template.outputs,
                             deadline, cancellation, template.memo)
 

@@ -7,6 +7,7 @@ checked once per model without holding the model.
 from __future__ import annotations
 
 import gc
+import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -73,6 +74,18 @@ def test_each_call_gets_its_own_request_deadline_and_cancellation() -> None:
     assert first is not second and [first.cancellation, second.cancellation] == cancellations
     assert first.deadline is not None and second.deadline is not None and second.deadline >= first.deadline
     assert len(adapter._prepared) == 1
+
+
+def test_a_transport_deadline_is_each_calls_own() -> None:
+    """Over gRPC a call also has the transport's deadline: the nearer one counts, call by call."""
+    adapter, plane = _adapter()
+    body = _body("a", timeout_us=60_000_000)
+    for remaining in (5.0, 0.5, None):
+        before = time.monotonic()
+        adapter.infer_body(body, local=True, cancellation=Cancellation(), transport_remaining=remaining)
+        deadline = plane.seen[-1].deadline
+        assert deadline is not None
+        assert before + (remaining or 60.0) <= deadline <= time.monotonic() + (remaining or 60.0)
 
 
 def test_requests_carrying_tensor_bytes_are_not_remembered() -> None:
