@@ -356,9 +356,7 @@ class EdgeClient:
         # shared-memory failure, and must not be retried over gRPC with a misleading warning.
         meta = self._model_metadata(model, version)
         try:
-            results, answered = self._session.infer(
-                self._request(model, version, arrays), arrays, meta, outputs, timeout
-            )
+            results, answered = self._session.infer(model, version, arrays, meta, outputs, timeout)
         except EdgecowError as err:
             if err.code != grpc.StatusCode.INVALID_ARGUMENT:
                 raise
@@ -367,9 +365,7 @@ class EdgeClient:
                 raise  # the request is wrong, not what this client knew of the model
             self._session.forget_sizes(model)
             meta = fresh
-            results, answered = self._session.infer(
-                self._request(model, version, arrays), arrays, meta, outputs, timeout
-            )
+            results, answered = self._session.infer(model, version, arrays, meta, outputs, timeout)
         expected = _expected_version(meta, version)
         if answered and expected and answered != expected:
             self._forget_model(model)

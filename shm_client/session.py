@@ -2,7 +2,7 @@
 
     session = ShmSession(stubs)                       # EdgeClient makes one; users never touch it
     proven, reason = session.prove()
-    outputs, version = session.infer(request, arrays, meta, outputs=None, timeout=None)
+    outputs, version = session.infer(model, version, arrays, meta, outputs=None, timeout=None)
 
 Inputs are written into pooled segments (or read where they are, when empty() made them); outputs come back
 as arrays that own the segment the server wrote: the segment returns to the pool when the array and every
@@ -44,7 +44,9 @@ _MAX_LEARNED_SIZES = 4096
 PROBE_TIMEOUT = 5.0  # the shared-memory proof: a server that cannot answer it by then is used over gRPC
 REGISTER_TIMEOUT = 10.0  # registering maps and reserves the region on the server
 UNREGISTER_TIMEOUT = 2.0  # best effort: the server's reaper drops what a lost unregister leaves
-# Answers remembered by _decoded (a few hundred bytes each), and the largest one remembered.
+# Requests remembered by _encoded, and answers by _decoded (a few hundred bytes each; the largest answer
+# remembered is _REMEMBERED_ANSWER_BYTES).
+_REMEMBERED_REQUESTS = 64
 _REMEMBERED_ANSWERS = 64
 _REMEMBERED_ANSWER_BYTES = 2048
 _SLOT_TOO_SMALL = "its shared-memory slot has"  # the server's words for an output slot that is too small
@@ -72,6 +74,33 @@ class Stubs:
     inference: pb_grpc.GRPCInferenceServiceStub
     edgecow: edgecow_pb2_grpc.EdgecowServiceStub
     model_infer: RawInfer  # ModelInfer with raw tensors kept out of protobuf (see shared.wire)
+
+
+_Slot = tuple[str, int, int]  # a tensor's place in shared memory: segment key, byte size, offset
+
+
+@dataclass(frozen=True)
+class _Call:
+    """What a call's request says, as a key: the same model, inputs and slots make the same bytes."""
+
+    model: str
+    version: str
+    inputs: tuple[tuple[str, np.dtype, tuple[int, ...]], ...]  # name, dtype, shape
+    slots: tuple[_Slot, ...]  # each input's place, in the order of `inputs`
+    outputs: tuple[tuple[str, _Slot | None], ...]  # each output asked for, and its slot if it has one
+
+    def message(self, timeout_us: int | None) -> pb.ModelInferRequest:
+        request = pb.ModelInferRequest(model_name=self.model, model_version=self.version)
+        for (name, dtype, shape), (key, size, offset) in zip(self.inputs, self.slots):
+            tensor = request.inputs.add(name=name, datatype=datatypes.from_numpy(dtype).name, shape=shape)
+            _set_shm(tensor.parameters, key, size, offset)
+        for name, slot in self.outputs:
+            requested = request.outputs.add(name=name)
+            if slot is not None:
+                _set_shm(requested.parameters, slot[0], slot[1], slot[2])
+        if timeout_us is not None:
+            request.parameters["timeout"].int64_param = timeout_us
+        return request
 
 
 class ShmFailure(Exception):
@@ -105,6 +134,7 @@ class ShmSession:
         self._lane_connections: list[LaneConnection] = []
         self._sizes: dict[LearnedKey, int] = {}
         self._answers: dict[bytes, RawResponse] = {}  # see _decoded; never handed to the caller
+        self._requests: dict[tuple[_Call, int | None], bytes] = {}  # see _encoded
         # Runs on close(), when the session is collected, or at interpreter exit, whichever comes first.
         self._finalizer = weakref.finalize(self, self._pool.close)
 
@@ -180,14 +210,15 @@ class ShmSession:
     # -- inference -------------------------------------------------------------------------------------
     def infer(
         self,
-        request: pb.ModelInferRequest,
+        model: str,
+        version: str,
         arrays: Mapping[str, np.ndarray],
         meta: pb.ModelMetadataResponse,
         outputs: Sequence[str] | None,
         timeout: float | None,
     ) -> tuple[dict[str, np.ndarray], str]:
-        """Run `request` (inputs named, not yet placed) with its tensors in shared memory; the arrays and
-        the model version that answered.
+        """Run `model` on `arrays` with the tensors in shared memory; the output arrays and the model
+        version that answered.
 
         Raises ShmFailure when shared memory does not work for this call (the caller repeats it over
         gRPC), EdgecowError for the caller's own errors (or for output slots sized from stale metadata).
@@ -195,16 +226,18 @@ class ShmSession:
         lease = _Lease(self._pool)
         try:
             shapes = tuple((name, tuple(array.shape)) for name, array in arrays.items())
-            key = (request.model_name, request.model_version)
             try:
-                self._place_inputs(request, arrays, lease)
-                placed, guessed = self._place_outputs(request, meta, outputs, shapes, lease)
+                inputs = self._place_inputs(arrays, lease)
+                placed, wanted, guessed = self._place_outputs(model, version, meta, outputs, shapes, lease)
             except (OSError, EdgecowError) as err:
                 if isinstance(err, EdgecowError) and err.code not in _FALLBACK_CODES:
                     raise
                 raise ShmFailure(str(err)) from None
+            call = _Call(model, version, tuple((name, array.dtype, shapes[i][1])
+                                               for i, (name, array) in enumerate(arrays.items())),
+                         tuple(inputs), tuple(wanted))
             try:
-                response, raw = self._invoke(request, timeout)
+                response, raw = self._invoke(call, timeout)
             except EdgecowError as err:
                 if err.code in _FALLBACK_CODES and "shared" in err.message:
                     self.forget_registrations()
@@ -216,7 +249,7 @@ class ShmSession:
                         self._sizes.pop(learned, None)
                     raise ShmFailure(err.message) from None
                 raise
-            return self._collect(response, raw, placed, lease, key, shapes), response.model_version
+            return self._collect(response, raw, placed, lease, (model, version), shapes), response.model_version
         finally:
             lease.release()
 
@@ -225,47 +258,53 @@ class ShmSession:
         with self._lock:
             self._sizes = {key: size for key, size in self._sizes.items() if key[0] != model}
 
-    def _place_inputs(self, request: pb.ModelInferRequest, arrays: Mapping[str, np.ndarray], lease: _Lease) -> None:
-        for tensor, array in zip(request.inputs, arrays.values()):
+    def _place_inputs(self, arrays: Mapping[str, np.ndarray], lease: _Lease) -> list[_Slot]:
+        """Where each input is in shared memory: made by empty() or an earlier output, where it is;
+        otherwise copied into a pooled segment."""
+        slots = []
+        for array in arrays.values():
             located = self._locate(array)
-            if located is not None:  # made by empty() or an earlier output: the server reads it where it is
+            if located is not None:  # the server reads it where it is
                 segment, offset = located
                 self._register(segment)
-                _set_shm(tensor.parameters, segment.key, array.nbytes, offset)
+                slots.append((segment.key, array.nbytes, offset))
                 continue
             data: bytes | np.ndarray = datatypes.encode_bytes(array) if array.dtype == object else array
             size = len(data) if isinstance(data, bytes) else array.nbytes
             segment = self._segment(max(size, 1), lease)
             segment.write(data)
-            _set_shm(tensor.parameters, segment.key, size)
+            slots.append((segment.key, size, 0))
+        return slots
 
     def _place_outputs(
         self,
-        request: pb.ModelInferRequest,
+        model: str,
+        version: str,
         meta: pb.ModelMetadataResponse,
         outputs: Sequence[str] | None,
         shapes: tuple[tuple[str, tuple[int, ...]], ...],
         lease: _Lease,
-    ) -> tuple[dict[str, Segment], list[LearnedKey]]:
-        """A segment for each output whose size is known, and which of those sizes were learned, not exact."""
+    ) -> tuple[dict[str, Segment], list[tuple[str, _Slot | None]], list[LearnedKey]]:
+        """A segment for each output whose size is known; every output asked for with its slot (None: it
+        comes back in the answer); which of the sizes were learned, not exact."""
         placed: dict[str, Segment] = {}
+        wanted: list[tuple[str, _Slot | None]] = []
         guessed: list[LearnedKey] = []
         specs = {o.name: o for o in meta.outputs}
         for name in list(outputs) if outputs else list(specs):
-            requested = request.outputs.add(name=name)
             spec = specs.get(name)
-            if spec is None:
-                continue  # the server names the unknown output in its answer
-            learned: LearnedKey = (request.model_name, request.model_version, name, shapes)
-            size = self._output_size(spec, learned)
-            if size is None:
+            learned: LearnedKey = (model, version, name, shapes)
+            # An unknown output is asked for all the same: the server names it in its answer.
+            size = None if spec is None else self._output_size(spec, learned)
+            if spec is None or size is None:
+                wanted.append((name, None))
                 continue
             if any(d < 0 for d in spec.shape):
                 guessed.append(learned)
             segment = self._segment(max(size, 1), lease)
-            _set_shm(requested.parameters, segment.key, size)
+            wanted.append((name, (segment.key, size, 0)))
             placed[name] = segment
-        return placed, guessed
+        return placed, wanted, guessed
 
     def _collect(
         self,
@@ -292,17 +331,15 @@ class ShmSession:
             results[tensor.name] = self._adopt(segment, datatypes.numpy_dtype(dt), tuple(tensor.shape))
         return results
 
-    def _invoke(
-        self, request: pb.ModelInferRequest, timeout: float | None
-    ) -> tuple[pb.ModelInferResponse, list[memoryview]]:
-        """ModelInfer for a request whose tensors are in shared memory: on the local lane when the
-        server offered one, else gRPC. Raises EdgecowError with the server's status code."""
+    def _invoke(self, call: _Call, timeout: float | None) -> tuple[pb.ModelInferResponse, list[memoryview]]:
+        """ModelInfer for a call whose tensors are in shared memory: on the local lane when the server
+        offered one, else gRPC. Raises EdgecowError with the server's status code."""
         conn = self._lane_connection()
         if conn is not None:
-            if timeout is not None:  # the server enforces it as the v2 `timeout` parameter (µs)
-                request.parameters["timeout"].int64_param = max(1, int(timeout * 1e6))
+            # The server enforces the timeout as the v2 `timeout` parameter (µs).
+            timeout_us = None if timeout is None else max(1, int(timeout * 1e6))
             try:
-                status, body = conn.call(encode_request((request, [])), timeout)
+                status, body = conn.call(self._encoded(call, timeout_us), timeout)
             except TimeoutError:
                 self._drop_lane_connection(conn)
                 raise EdgecowError("the call did not finish in time", grpc.StatusCode.DEADLINE_EXCEEDED) from None
@@ -313,9 +350,21 @@ class ShmSession:
                     return self._decoded(body)
                 raise EdgecowError(bytes(body).decode("utf-8", "replace"), _STATUS_BY_NUMBER.get(status))
         try:
-            return self._stubs.model_infer((request, []), timeout=timeout)
+            return self._stubs.model_infer((call.message(None), []), timeout=timeout)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
+
+    def _encoded(self, call: _Call, timeout_us: int | None) -> bytes:
+        """The call's request as the lane sends it, remembered: a caller repeats the same model, shapes
+        and segments call after call, so the same bytes serve again."""
+        key = (call, timeout_us)
+        body = self._requests.get(key)
+        if body is None:
+            body = encode_request((call.message(timeout_us), []))
+            if len(self._requests) >= _REMEMBERED_REQUESTS:
+                self._requests.clear()
+            self._requests[key] = body
+        return body
 
     def _decoded(self, body: memoryview) -> RawResponse:
         """decode_response, remembered for a small answer whose outputs are all in shared memory: such
