@@ -28,9 +28,9 @@ class Size:
         return self.quick if quick else self.iterations
 
     def block(self) -> int:
-        """Counted calls per turn (see interleaved): small calls in blocks, whose first call settles what
-        the previous variant left running; large calls one per turn, where that is lost in the noise."""
-        return 10 if self.nbytes < MB else 5 if self.nbytes < 16 * MB else 1
+        """Counted calls per turn (see interleaved), after one uncounted call that settles what the
+        previous variant left running (at 16 MB and more, that is a gRPC call's buffers being freed)."""
+        return 10 if self.nbytes < MB else 5 if self.nbytes < 16 * MB else 2
 
     def warmup(self, quick: bool) -> int:
         """Calls of each variant before the timing, beside the one that checks its answer: fewer for the
