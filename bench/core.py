@@ -47,7 +47,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
             variants = _variants(x, session, unix, tcp, echo)
             for name, call in variants.items():
                 same_answer(name, call(), x)
-            samples = interleaved(variants, size.rounds(args.quick), size.warmup(args.quick), size.block())
+            samples = interleaved(variants, size.rounds(args.quick), size.warmup(args.quick), size.block(args.quick))
             p = {name: pct(s, 50) for name, s in samples.items()}
             stats[size.label] = p
             for name, s in samples.items():

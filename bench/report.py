@@ -27,10 +27,13 @@ class Size:
     def rounds(self, quick: bool) -> int:
         return self.quick if quick else self.iterations
 
-    def block(self) -> int:
+    def block(self, quick: bool = False) -> int:
         """Counted calls per turn (see interleaved), after one uncounted call that settles what the
-        previous variant left running (at 16 MB and more, that is a gRPC call's buffers being freed)."""
-        return 10 if self.nbytes < MB else 5 if self.nbytes < 16 * MB else 2
+        previous variant left running (at 16 MB and more, that is a gRPC call's buffers being freed);
+        --quick times its one or two large calls without one."""
+        if self.nbytes >= 16 * MB:
+            return 1 if quick else 2
+        return 10 if self.nbytes < MB else 5
 
     def warmup(self, quick: bool) -> int:
         """Calls of each variant before the timing, beside the one that checks its answer: fewer for the

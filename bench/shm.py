@@ -50,7 +50,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
             for name, call in variants.items():
                 result = call()
                 same_answer(name, scratch if name == COPY else result, x)
-            samples = interleaved(variants, size.rounds(args.quick), size.warmup(args.quick), size.block())
+            samples = interleaved(variants, size.rounds(args.quick), size.warmup(args.quick), size.block(args.quick))
             p = {name: pct(s, 50) for name, s in samples.items()}
             stats[size.label] = p
             for name, s in samples.items():
