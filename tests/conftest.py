@@ -2,6 +2,8 @@
 
     def test_x(server): EdgeClient(server.unix_target).infer("scale", {"x": np.ones(4, np.float32)})
 
+    pytestmark = pytest.mark.shared_server   # the module's `server` is the worker's one shared server
+
 What the fixtures are made of lives in tests/support (the launcher, model builders, helpers).
 """
 
@@ -17,8 +19,9 @@ from shm_client.shared.segments import Segment
 from tests.support import waiting
 from tests.support.gate import Gate
 from tests.support.models import build_repository
-from tests.support.processes import ServerProcess
+from tests.support.processes import ServerProcess, serving
 from tests.support.shm import TEST_PREFIX, owned_segments
+from tests.support.stubs import idle
 
 # Every server the tests start (ServerProcess, the CLI, an installed wheel) serves its metrics on a free port:
 # the default 127.0.0.1:8002 would clash between servers running at once.
@@ -30,11 +33,29 @@ def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_repository(tmp_path_factory.mktemp("repo") / "models")
 
 
+@pytest.fixture(scope="session")
+def shared_server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server per worker process for the modules marked `shared_server`: a start costs about half a second
+    of CPU, and those modules only make calls (no loads, settings, restarts or exact statistics)."""
+    yield from serving(model_repo, tmp_path_factory.mktemp("shared-srv"))
+
+
 @pytest.fixture(scope="module")
-def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = ServerProcess(model_repo, tmp_path_factory.mktemp("srv")).start()
-    yield proc
-    proc.stop()
+def server(request: pytest.FixtureRequest, model_repo: Path,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The module's server: its own, or with the `shared_server` mark the shared one, which each module must
+    hand back alive with no calls in flight and no shared memory registered (so no module sees another's)."""
+    if request.node.get_closest_marker("shared_server") is None:
+        proc = ServerProcess(model_repo, tmp_path_factory.mktemp("srv")).start()
+        yield proc
+        proc.stop()
+        return
+    shared: ServerProcess = request.getfixturevalue("shared_server")
+    yield shared
+    assert shared.alive(), f"the shared server died during {request.node.name}"
+    assert waiting.wait_until(lambda: idle(shared.unix_target), timeout=30), (
+        f"{request.node.name} left calls in flight or shared memory registered on the shared server"
+    )
 
 
 @pytest.fixture

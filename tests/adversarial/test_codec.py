@@ -21,6 +21,8 @@ from shm_client.shared import wire
 from shm_client.shared._proto import inference_pb2 as pb
 from tests.support.processes import ServerProcess
 
+pytestmark = pytest.mark.shared_server  # calls only: see tests/conftest.py
+
 # ---------------------------------------------------------------------------------------------------
 # Encoding helpers: any varint, written in its shortest form or padded, or with bits past 64.
 

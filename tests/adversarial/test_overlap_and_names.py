@@ -18,6 +18,8 @@ from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
 from tests.support.processes import ServerProcess
 from tests.support.shm import owned_segments
 
+pytestmark = pytest.mark.shared_server  # calls only: see tests/conftest.py
+
 PREFIX = f"advovl-{os.getpid()}-"
 MANY = 8000
 

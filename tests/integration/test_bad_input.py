@@ -20,6 +20,8 @@ from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
 from tests.support import models
 from tests.support.processes import ServerProcess
 
+pytestmark = pytest.mark.shared_server  # calls only: see tests/conftest.py
+
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 

@@ -9,8 +9,12 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from tests.support.processes import ServerProcess
 from tests.support.stubs import in_flight
+
+pytestmark = pytest.mark.shared_server  # calls only: see tests/conftest.py
 
 CLIENT = textwrap.dedent(
     """

@@ -17,6 +17,8 @@ from onnx import TensorProto
 from tests.support import models
 from tests.support.processes import REPO_ROOT, ServerProcess
 
+pytestmark = pytest.mark.shared_server  # calls only: see tests/conftest.py
+
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(

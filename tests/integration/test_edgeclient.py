@@ -19,6 +19,8 @@ from shm_client.shared.errors import EdgecowError, InvalidArgument
 from tests.support.arrays import random_array
 from tests.support.processes import ServerProcess
 
+pytestmark = pytest.mark.shared_server  # calls only: see tests/conftest.py
+
 IDENTITY_DTYPES = {
     "identity_float": "float32",
     "identity_double": "float64",

@@ -34,6 +34,8 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 
+pytestmark = pytest.mark.shared_server  # calls only: see tests/conftest.py
+
 SYSTEMD_DIR = REPO_ROOT / "systemd"
 PIP_TIMEOUT = 600.0  # seconds one pip command may take; the [server] extra downloads onnxruntime
 SERVE_TIMEOUT = 120.0  # seconds the installed server may take to send READY=1

@@ -28,6 +28,8 @@ from tests.support.processes import ServerProcess
 from tests.support.stubs import v2_stub
 from tests.support.waiting import wait_until
 
+pytestmark = pytest.mark.shared_server  # calls only: see tests/conftest.py
+
 
 def test_new_data_in_the_same_input_array_gives_new_answers(server: ServerProcess) -> None:
     with EdgeClient(server.unix_target) as client:

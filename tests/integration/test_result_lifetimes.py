@@ -14,9 +14,12 @@ import queue
 import threading
 
 import numpy as np
+import pytest
 
 from shm_client import EdgeClient
 from tests.support.processes import ServerProcess
+
+pytestmark = pytest.mark.shared_server  # calls only: see tests/conftest.py
 
 A = np.arange(16, dtype=np.float32).reshape(1, 16)
 

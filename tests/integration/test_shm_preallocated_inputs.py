@@ -13,6 +13,8 @@ import pytest
 from shm_client import EdgeClient
 from tests.support.processes import ServerProcess
 
+pytestmark = pytest.mark.shared_server  # calls only: see tests/conftest.py
+
 
 def test_preallocated_input_is_referenced_in_place_and_not_copied(server: ServerProcess) -> None:
     with EdgeClient(server.unix_target, transport="shm") as client:

@@ -19,6 +19,8 @@ from tritonclient.utils import InferenceServerException
 
 from shm_client.shared.segments import SHM_DIR
 
+pytestmark = pytest.mark.shared_server  # calls only: see tests/conftest.py
+
 KEY_PREFIX = f"edgecow-test-{os.getpid()}-"
 
 

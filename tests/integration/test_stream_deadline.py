@@ -21,6 +21,8 @@ from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
 from tests.support.processes import ServerProcess
 from tests.support.shm import owned_segments
 
+pytestmark = pytest.mark.shared_server  # calls only: see tests/conftest.py
+
 X = np.arange(16, dtype=np.float32)
 GATE_REGION = "stream-deadline-gate"
 

@@ -32,6 +32,16 @@ def in_flight(target: str, model: str) -> int:
     return sum(m.in_flight for m in reply.models if m.name == model)
 
 
+def idle(target: str) -> bool:
+    """No calls in flight on any model and no shared memory registered: the server as it started."""
+    with grpc.insecure_channel(target) as channel:
+        status = edgecow_pb2_grpc.EdgecowServiceStub(channel).GetStatus(edgecow_pb2.GetStatusRequest(), timeout=10)
+        regions = pb_grpc.GRPCInferenceServiceStub(channel).SystemSharedMemoryStatus(
+            pb.SystemSharedMemoryStatusRequest(), timeout=10
+        )
+    return not regions.regions and all(m.in_flight == 0 for m in status.models)
+
+
 def registered_names(stub: pb_grpc.GRPCInferenceServiceStub) -> set[str]:
     reply = stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest(), timeout=10)
     return set(reply.regions)
