@@ -28,6 +28,20 @@ from tests.support.stubs import idle
 os.environ.setdefault("EDGECOW_METRICS_LISTEN", "127.0.0.1:0")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """xdist hands out files in the order collected (below) instead of most tests first, which left the one-test
+    bench and load files for last. Before xdist 3.8 there is no such choice, and only the order suffers."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files holding `slow` tests run first, each still whole and in file order, so that no worker starts a
+    wheel build or a bench run while the others are running out of files."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session")
 def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_repository(tmp_path_factory.mktemp("repo") / "models")
