@@ -31,14 +31,25 @@ def states(server: ServerProcess) -> dict[str, str]:
     return {row[0]: row[2] for row in rows if len(row) >= 3}
 
 
-@pytest.fixture()
-def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    repo = tmp_path / "models"
+def _serve(workdir: Path) -> Iterator[ServerProcess]:
+    repo = workdir / "models"
     write_model(repo, "alpha", 1, scale_model(factor=2.0))
     write_model(repo, "beta", 1, scale_model(factor=3.0))
-    proc = ServerProcess(repo, tmp_path).start()
+    proc = ServerProcess(repo, workdir).start()
     yield proc
     proc.stop()
+
+
+@pytest.fixture()
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
+    """A server of the test's own: the test loads, unloads or reloads."""
+    yield from _serve(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def untouched_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server for the tests whose commands are all refused, which each check that nothing changed."""
+    yield from _serve(tmp_path_factory.mktemp("refused"))
 
 
 def test_unload_then_load_a_model(server: ServerProcess) -> None:
@@ -71,21 +82,22 @@ def test_reload_picks_up_new_and_removed_models(server: ServerProcess) -> None:
     assert "beta" not in listed
 
 
-def test_errors_are_one_line_without_a_traceback(server: ServerProcess) -> None:
-    result = run_cli("models", "load", "nosuch", "--target", server.unix_target)
+def test_errors_are_one_line_without_a_traceback(untouched_server: ServerProcess) -> None:
+    result = run_cli("models", "load", "nosuch", "--target", untouched_server.unix_target)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     (line,) = result.stderr.splitlines()
     assert line.startswith("edgecow: error: ") and "nosuch" in line
 
-    result = run_cli("models", "unload", "nosuch", "--target", server.unix_target)
+    result = run_cli("models", "unload", "nosuch", "--target", untouched_server.unix_target)
     assert result.returncode == 1 and "nosuch" in result.stderr
+    assert states(untouched_server) == {"alpha": "READY", "beta": "READY"}
 
 
 @pytest.mark.parametrize("command", [["models", "load", "alpha"], ["models", "unload", "alpha"], ["reload"]])
-def test_remote_callers_may_not_control_the_repository(server: ServerProcess, command: list[str]) -> None:
-    result = run_cli(*command, "--target", server.tcp_target)  # loopback TCP is remote by default
+def test_remote_callers_may_not_control_the_repository(untouched_server: ServerProcess, command: list[str]) -> None:
+    result = run_cli(*command, "--target", untouched_server.tcp_target)  # loopback TCP is remote by default
     assert result.returncode == 1
     assert "only callers on this machine may" in result.stderr
     assert "Traceback" not in result.stderr
-    assert states(server)["alpha"] == "READY"
+    assert states(untouched_server) == {"alpha": "READY", "beta": "READY"}

@@ -19,6 +19,8 @@ from tests.support.gate import Call, Gate
 from tests.support.processes import ServerProcess
 from tests.support.stubs import v2_stub
 
+pytestmark = pytest.mark.shared_server  # calls only: see tests/conftest.py
+
 
 def test_health_service_reports_serving_for_the_server_and_the_v2_service(server: ServerProcess) -> None:
     with grpc.insecure_channel(server.tcp_target) as channel:

@@ -10,9 +10,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from shm_client import EdgeClient
 from tests.support.processes import REPO_ROOT, ServerProcess
+
+pytestmark = pytest.mark.shared_server  # calls only: see tests/conftest.py
 
 
 def _status_json(target: str) -> dict[str, object]:
