@@ -102,8 +102,13 @@ class Venv:
                               capture_output=True, text=True, timeout=timeout)
 
     def pip_install(self, *requirements: str) -> None:
-        result = self.run("python", "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                          *requirements, timeout=PIP_TIMEOUT)
+        # This environment's pip installs into the venv (`--python`), which so needs no pip of its own;
+        # nothing is byte-compiled ahead (the few modules the tests import are compiled as they load).
+        result = subprocess.run(
+            [sys.executable, "-m", "pip", "--python", str(self.python), "install", "--quiet",
+             "--disable-pip-version-check", "--no-compile", *requirements],
+            cwd=self.root, env=clean_env(), capture_output=True, text=True, timeout=PIP_TIMEOUT,
+        )
         assert result.returncode == 0, result.stderr
 
 
@@ -134,7 +139,8 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Venv:
     """A fresh environment holding the wheel without extras, with grpcio and protobuf at their floors."""
     env = Venv(tmp_path_factory.mktemp("venv") / "env")
-    subprocess.run([sys.executable, "-m", "venv", str(env.root)], check=True, env=clean_env(), timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env.root)], check=True, env=clean_env(),
+                   timeout=120)
     env.pip_install(str(wheel), f"grpcio=={dependency_floor('grpcio')}", f"protobuf=={dependency_floor('protobuf')}")
     return env
 
