@@ -22,7 +22,7 @@ import pytest
 
 from shm_client import EdgeClient
 from shm_client.shared._proto import inference_pb2 as pb
-from shm_client.shared.segments import SHM_DIR
+from shm_client.shared.segments import SHM_DIR, Segment
 from tests.support.gate import inline_gate_request
 from tests.support.processes import REPO_ROOT, ServerProcess
 from tests.support.shm import our_shm_entries, owned_by, owned_segments
@@ -83,7 +83,11 @@ def test_server_killed_then_restarted_removes_its_old_segments(model_repo: Path,
         assert beacon.exists()
         first.signal(signal.SIGKILL)
         first.wait(10)
-        assert beacon.exists() and first.socket.exists()  # nobody cleaned up after a SIGKILL
+        assert first.socket.exists()  # nobody cleaned up after a SIGKILL
+        if not beacon.exists():
+            # Another test's server started meanwhile and swept it, as every server does at start: put a
+            # segment of the dead server back, so that the start below has one to remove.
+            Segment.create(beacon.name, 4096).close()
 
         second = ServerProcess(model_repo, tmp_path, "--models", "scale").start()
         try:
