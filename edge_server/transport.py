@@ -1,13 +1,15 @@
 """What the transports share: the one ModelInfer adapter (only the framing differs) and bounded slots.
 
     adapter = InferAdapter(plane)
-    message, raw = adapter.infer(adapter.decode(body), local=True, cancellation=Cancellation())
+    message, raw = adapter.infer_body(body, local=True, cancellation=Cancellation())   # a message's bytes
+    message, raw = adapter.infer(proto_request, local=False)                            # or a decoded one
     slots.acquire(peer_host(context.peer())); ...; slots.release(...)   # RESOURCE_EXHAUSTED past a limit
 
-The adapter turns a decoded request into the data plane's request (with the call's deadline and
-cancellation), runs it, and hands back the response for the transport to encode. Whatever goes wrong
-leaves it as an EdgecowError carrying its status code, so gRPC, its streams and the local lane answer
-every failure the same way.
+The adapter turns a request into the data plane's request (with the call's deadline and cancellation),
+runs it, and hands back the response for the transport to encode. Whatever goes wrong leaves it as an
+EdgecowError carrying its status code, so gRPC, its streams and the local lane answer every failure the
+same way. A small request whose tensors are all in shared memory is decoded and checked once and then
+remembered by its bytes (PREPARED_REQUESTS of them): callers repeat the same message call after call.
 """
 
 from __future__ import annotations
