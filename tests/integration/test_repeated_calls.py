@@ -25,7 +25,7 @@ from shm_client.shared._proto import inference_pb2 as pb
 from shm_client.shared._proto import inference_pb2_grpc as pb_grpc
 from shm_client.shared.segments import Segment
 from tests.support.processes import ServerProcess
-from tests.support.stubs import v2_stub
+from tests.support.stubs import scale_shm_request, v2_stub
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.shared_server  # calls only: see tests/conftest.py
@@ -68,7 +68,7 @@ def test_the_same_request_bytes_follow_the_region_a_name_has_now(
     first.write(data[0].tobytes())
     second.write(data[1].tobytes() + data[2].tobytes())
     out = segments("rep-out", 4096)
-    body = _lane_request("rep-in", "rep-y")
+    body = encode_request((scale_shm_request("rep-in", "rep-y", 16, version="2"), []))
     with contextlib.closing(LaneConnection(str(server.lane_path))) as lane:
         _register(stub, "rep-y", out, 0)
         for segment, offset, expected in ((first, 0, data[0]), (second, 0, data[1]), (second, 64, data[2]),
@@ -112,17 +112,6 @@ def test_a_wrong_request_repeated_is_refused_every_time(server: ServerProcess) -
             with pytest.raises(EdgecowError) as wrong:
                 client.infer("scale", {"x": x}, version=2)
             assert wrong.value.code == grpc.StatusCode.INVALID_ARGUMENT and "must be FP32" in str(wrong.value)
-
-
-def _lane_request(input_region: str, output_region: str) -> bytes:
-    request = pb.ModelInferRequest(model_name="scale", model_version="2")
-    tensor = request.inputs.add(name="x", datatype="FP32", shape=[16])
-    tensor.parameters["shared_memory_region"].string_param = input_region
-    tensor.parameters["shared_memory_byte_size"].int64_param = 64
-    output = request.outputs.add(name="y")
-    output.parameters["shared_memory_region"].string_param = output_region
-    output.parameters["shared_memory_byte_size"].int64_param = 64
-    return encode_request((request, []))
 
 
 def _register(stub: pb_grpc.GRPCInferenceServiceStub, name: str, segment: Segment, offset: int) -> None:

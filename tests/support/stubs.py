@@ -64,6 +64,18 @@ def rpc_error(call: Callable[[], object]) -> grpc.RpcError | None:
     return None
 
 
+def scale_shm_request(input_region: str, output_region: str, count: int, version: str = "") -> pb.ModelInferRequest:
+    """`scale` on `count` FP32 values read from `input_region`, y written into `output_region` (both at offset 0)."""
+    request = pb.ModelInferRequest(model_name="scale", model_version=version)
+    tensor = request.inputs.add(name="x", datatype="FP32", shape=[count])
+    tensor.parameters["shared_memory_region"].string_param = input_region
+    tensor.parameters["shared_memory_byte_size"].int64_param = 4 * count
+    output = request.outputs.add(name="y")
+    output.parameters["shared_memory_region"].string_param = output_region
+    output.parameters["shared_memory_byte_size"].int64_param = 4 * count
+    return request
+
+
 def scale_request(value: float = 1.0) -> pb.ModelInferRequest:
     """`scale` version 1 (y = x) on four copies of `value`."""
     request = pb.ModelInferRequest(model_name="scale", model_version="1")

@@ -26,6 +26,7 @@ from shm_client.session import encode_request
 from shm_client.shared._proto import inference_pb2 as pb
 from shm_client.shared.segments import Segment
 from tests.support.models import scale_model, write_model
+from tests.support.stubs import scale_shm_request
 
 
 class _Plane:
@@ -106,17 +107,6 @@ def _plane_on(root: Path) -> tuple[InferAdapter, RegionRegistry, ModelStore]:
     return InferAdapter(DataPlane(store, registry, settings)), registry, store
 
 
-def _shm_body(input_region: str, output_region: str) -> bytes:
-    request = pb.ModelInferRequest(model_name="scale")
-    tensor = request.inputs.add(name="x", datatype="FP32", shape=[4])
-    tensor.parameters["shared_memory_region"].string_param = input_region
-    tensor.parameters["shared_memory_byte_size"].int64_param = 16
-    output = request.outputs.add(name="y")
-    output.parameters["shared_memory_region"].string_param = output_region
-    output.parameters["shared_memory_byte_size"].int64_param = 16
-    return encode_request((request, []))
-
-
 def test_a_remembered_request_is_checked_once_per_model_and_never_keeps_a_model_alive(
     tmp_path: Path, segments: Callable[..., Segment]
 ) -> None:
@@ -124,7 +114,7 @@ def test_a_remembered_request_is_checked_once_per_model_and_never_keeps_a_model_
     source, target = segments("memo-in", 4096), segments("memo-out", 4096)
     registry.register("memo-in", "/" + source.key, 0, 16)
     registry.register("memo-out", "/" + target.key, 0, 16)
-    body = _shm_body("memo-in", "memo-out")
+    body = encode_request((scale_shm_request("memo-in", "memo-out", 4), []))
     for step in range(3):  # new data in the same regions, through the same remembered request
         x = np.arange(4, dtype=np.float32) + step
         source.write(x.tobytes())
@@ -150,7 +140,7 @@ def test_buffers_used_in_turn_each_get_their_own_answer(tmp_path: Path, segments
         source, target = segments(f"turn-in-{i}", 4096), segments(f"turn-out-{i}", 4096)
         registry.register(f"turn-in-{i}", "/" + source.key, 0, 16)
         registry.register(f"turn-out-{i}", "/" + target.key, 0, 16)
-        bodies.append((source, target, _shm_body(f"turn-in-{i}", f"turn-out-{i}")))
+        bodies.append((source, target, encode_request((scale_shm_request(f"turn-in-{i}", f"turn-out-{i}", 4), []))))
     for step in range(3 * sets):
         source, target, body = bodies[step % sets]
         x = np.arange(4, dtype=np.float32) + step
