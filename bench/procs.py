@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 import psutil
 
-from edge_server.runtime import resolve_providers
+from edge_server.runtime import ModelOptions, resolve_providers, session_options_for
 from tests.support import models  # the tests' ONNX builders
 from tests.support.processes import ChildProcess, EdgecowProcess
 
@@ -47,7 +47,7 @@ def server_providers() -> list[str]:
 def in_process_session(model: bytes | Path | None = None) -> ort.InferenceSession:
     """A model (default: y = x*1) in this process, with the server's default session options and providers."""
     source = scale_model_bytes() if model is None else model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, providers=server_providers())
+    return ort.InferenceSession(source, session_options_for(ModelOptions()), providers=server_providers())
 
 
 class _Tracked(ChildProcess):

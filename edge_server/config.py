@@ -53,6 +53,9 @@ class Settings:
     require_gpu: bool = False
     providers: list[str] = field(default_factory=lambda: ["auto"])
     intra_op_threads: int = 0  # 0 = onnxruntime's choice
+    # onnxruntime's intra-op workers busy-wait after each run for the next one; a daemon shared by the box's
+    # processes must not burn their CPU between calls, so they sleep unless this is set.
+    intra_op_spinning: bool = False
     # Limits.
     max_request_bytes: int = 2**31 - 1
     max_tensor_bytes: int = 2**31 - 1
@@ -117,6 +120,8 @@ HELP = {
     "require_gpu": "fail to start instead of running on CPU when no GPU provider can start",
     "providers": "comma-separated execution providers for models without their own list, or 'auto'",
     "intra_op_threads": "onnxruntime's intra-op threads per model; 0 = its choice",
+    "intra_op_spinning": "let onnxruntime's intra-op threads busy-wait between runs (faster back-to-back runs "
+                         "of large models; burns CPU the box's other processes need)",
     "max_request_bytes": "largest request message, and the most one request's inputs may take decoded "
                          "(RESOURCE_EXHAUSTED above)",
     "max_tensor_bytes": "largest input tensor; a BYTES element counts its data plus 128 bytes",

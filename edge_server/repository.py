@@ -70,6 +70,7 @@ class ModelConfigFile:
     providers: tuple[str, ...] | None = None
     intra_op_threads: int | None = None
     inter_op_threads: int | None = None
+    intra_op_spinning: bool | None = None  # None: the server's setting
     version_policy: VersionPolicy = VersionPolicy()
     warmup: bool = False
     require_gpu: bool | None = None
@@ -80,7 +81,8 @@ class ModelConfigFile:
 
 
 _CONFIG_KEYS = {
-    "providers", "intra_op_threads", "inter_op_threads", "version_policy", "warmup", "require_gpu",
+    "providers", "intra_op_threads", "inter_op_threads", "intra_op_spinning", "version_policy", "warmup",
+    "require_gpu",
     "max_batch_size", "labels", "custom_op_libraries", "onnxruntime_extensions",
 }
 
@@ -121,7 +123,7 @@ def parse_model_config(path: Path, label: str | None = None) -> ModelConfigFile:
             if not isinstance(data[key], int) or isinstance(data[key], bool) or data[key] < 0:
                 raise ConfigError(f"{path}: {key} must be a non-negative integer")
             kwargs[key] = data[key]
-    for key in ("warmup", "require_gpu"):
+    for key in ("warmup", "require_gpu", "intra_op_spinning"):
         if key in data:
             if not isinstance(data[key], bool):
                 raise ConfigError(f"{path}: {key} must be true or false")
@@ -563,6 +565,8 @@ def _default_loader(
         providers=config.providers or tuple(settings.providers),
         intra_op_threads=config.intra_op_threads if config.intra_op_threads is not None else settings.intra_op_threads,
         inter_op_threads=config.inter_op_threads or 0,
+        intra_op_spinning=(settings.intra_op_spinning if config.intra_op_spinning is None
+                           else config.intra_op_spinning),
         require_gpu=settings.require_gpu if config.require_gpu is None else config.require_gpu,
         warmup=config.warmup,
         model_dir=path.parent.parent,  # <root>/<name>, where config.toml's file names are found

@@ -53,6 +53,8 @@ ORT_LOG_FATAL = 4
 BINDINGS_PER_THREAD = 4
 # numpy kinds bound to onnxruntime by address: booleans, integers and floats (not strings or objects).
 _BINDABLE_KINDS = frozenset("biuf")
+# The session config key for intra-op workers busy-waiting between runs (onnxruntime's default is "1").
+ALLOW_SPINNING = "session.intra_op.allow_spinning"
 # onnxruntime logs at WARNING by default, which includes harmless notes about node placement.
 ort.set_default_logger_severity(ORT_LOG_ERROR)
 
@@ -79,6 +81,7 @@ class ModelOptions:
     providers: tuple[str, ...] = ("auto",)
     intra_op_threads: int = 0
     inter_op_threads: int = 0
+    intra_op_spinning: bool = False
     require_gpu: bool = False
     warmup: bool = False
     model_dir: Path | None = None  # where the file names below are found: <root>/<name>
@@ -86,6 +89,18 @@ class ModelOptions:
     labels: tuple[tuple[str, str], ...] = ()  # (output, labels file) for classification; "" is every output
     custom_op_libraries: tuple[str, ...] = ()
     onnxruntime_extensions: bool | None = None  # None: when the model imports ai.onnx.contrib
+
+
+def session_options_for(options: ModelOptions) -> ort.SessionOptions:
+    """onnxruntime's session options for `options` (the bench builds its in-process baseline with these)."""
+    session_options = ort.SessionOptions()
+    session_options.log_severity_level = ORT_LOG_ERROR
+    if options.intra_op_threads:
+        session_options.intra_op_num_threads = options.intra_op_threads
+    if options.inter_op_threads:
+        session_options.inter_op_num_threads = options.inter_op_threads
+    session_options.add_session_config_entry(ALLOW_SPINNING, "1" if options.intra_op_spinning else "0")
+    return session_options
 
 
 @functools.cache
@@ -207,12 +222,7 @@ class ModelRuntime:
     @classmethod
     def load(cls, name: str, version: int, path: Path, options: ModelOptions) -> ModelRuntime:
         """Build the session; raises with a one-line reason when the file is not a usable ONNX model."""
-        session_options = ort.SessionOptions()
-        session_options.log_severity_level = ORT_LOG_ERROR
-        if options.intra_op_threads:
-            session_options.intra_op_num_threads = options.intra_op_threads
-        if options.inter_op_threads:
-            session_options.inter_op_num_threads = options.inter_op_threads
+        session_options = session_options_for(options)
         providers = resolve_providers(options.providers, options.require_gpu)
         try:
             register_custom_ops(
