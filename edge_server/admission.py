@@ -1,16 +1,15 @@
 """Admission: which calls may start, how many run per model, and the drain at shutdown.
 
     admission = Admission(settings)
-    with admission.admitted(), admission.gate("scale").enter(deadline): ...   # Unavailable while draining
-    admission.drain(timeout=30.0)                                             # True when no call is left
+    admission.admit(); gate = admission.gate("scale"); gate.acquire(deadline)   # Unavailable while draining
+    ...; gate.release(); admission.leave()
+    admission.drain(timeout=30.0)                                              # True when no call is left
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
-from collections.abc import Iterator
 
 from shm_client.shared.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 
@@ -28,14 +27,6 @@ class ModelGate:
         self._freed = threading.Condition(self._lock)
         self.waiting = 0
         self.running = 0
-
-    @contextlib.contextmanager
-    def enter(self, deadline: float | None) -> Iterator[None]:
-        self.acquire(deadline)
-        try:
-            yield
-        finally:
-            self.release()
 
     def acquire(self, deadline: float | None) -> None:
         """A running slot, waiting until `deadline` (monotonic) for one; release() gives it back."""
@@ -76,14 +67,6 @@ class Admission:
         self.accepting = True
         self._in_flight = 0
         self._idle = threading.Condition(self._lock)
-
-    @contextlib.contextmanager
-    def admitted(self) -> Iterator[None]:
-        self.admit()
-        try:
-            yield
-        finally:
-            self.leave()
 
     def admit(self) -> None:
         """Count a call in flight; Unavailable once draining. leave() ends it."""

@@ -65,6 +65,7 @@ class ModelStats:
         self.failures_by_code: dict[str, int] = {}
         self.request_histogram = Histogram()  # whole successful calls
         self.phase_histograms = {phase: Histogram() for phase in PHASES}
+        self.phase_order = tuple(self.phase_histograms.values())  # in PHASES order, for success()
         self.success = Duration()
         self.fail = Duration()
         self.queue = Duration()
@@ -114,11 +115,11 @@ class StatisticsBook:
             stats.compute_output.add(output_ns)
             stats.success.add(total_ns)
             stats.request_histogram.observe(total_ns)
-            phases = stats.phase_histograms
-            phases["queue"].observe(queue_ns)
-            phases["compute_input"].observe(input_ns)
-            phases["compute_infer"].observe(infer_ns)
-            phases["compute_output"].observe(output_ns)
+            queue, compute_input, compute_infer, compute_output = stats.phase_order
+            queue.observe(queue_ns)
+            compute_input.observe(input_ns)
+            compute_infer.observe(infer_ns)
+            compute_output.observe(output_ns)
             stats.inference_count += batch_size
             stats.execution_count += 1
             stats.last_inference_ms = now_ms
